@@ -1,0 +1,62 @@
+"""anisonoise: the noise structure of gradient methods as composable objects.
+
+Transforms (Table 1 of Zhu et al., ICML 2019) chain in front of any optax
+optimizer; the engine beneath them (per-example gradients, covariance and
+Hessian products, Lanczos) never forms a ``D x D`` matrix.
+"""
+
+from anisonoise._src.batching import num_examples
+from anisonoise._src.covariance import covariance_diagonal
+from anisonoise._src.covariance import covariance_operator
+from anisonoise._src.covariance import covariance_trace
+from anisonoise._src.covariance import per_example_grads
+from anisonoise._src.covariance import sample_sgd_noise
+from anisonoise._src.curvature import EigenResult
+from anisonoise._src.curvature import hessian_operator
+from anisonoise._src.curvature import hvp
+from anisonoise._src.curvature import top_eigenpairs
+from anisonoise._src.transforms import DiagonalNoiseState
+from anisonoise._src.transforms import DynamicIsotropicNoiseState
+from anisonoise._src.transforms import HessianEigvecNoiseState
+from anisonoise._src.transforms import HessianNoiseState
+from anisonoise._src.transforms import IsotropicNoiseState
+from anisonoise._src.transforms import LeadingNoiseState
+from anisonoise._src.transforms import LowRankNoiseState
+from anisonoise._src.transforms import SgdNoiseState
+from anisonoise._src.transforms import diagonal_noise
+from anisonoise._src.transforms import dynamic_isotropic_noise
+from anisonoise._src.transforms import hessian_eigvec_noise
+from anisonoise._src.transforms import hessian_noise
+from anisonoise._src.transforms import isotropic_noise
+from anisonoise._src.transforms import leading_noise
+from anisonoise._src.transforms import sgd_noise
+
+__version__ = "0.1.0"
+
+__all__ = (
+    "DiagonalNoiseState",
+    "DynamicIsotropicNoiseState",
+    "EigenResult",
+    "HessianEigvecNoiseState",
+    "HessianNoiseState",
+    "IsotropicNoiseState",
+    "LeadingNoiseState",
+    "LowRankNoiseState",
+    "SgdNoiseState",
+    "covariance_diagonal",
+    "covariance_operator",
+    "covariance_trace",
+    "diagonal_noise",
+    "dynamic_isotropic_noise",
+    "hessian_eigvec_noise",
+    "hessian_noise",
+    "hessian_operator",
+    "hvp",
+    "isotropic_noise",
+    "leading_noise",
+    "num_examples",
+    "per_example_grads",
+    "sample_sgd_noise",
+    "sgd_noise",
+    "top_eigenpairs",
+)

@@ -1,0 +1,161 @@
+"""One conformance suite over every public transform."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import anisonoise
+from conftest import logistic_problem, mlp_problem
+
+FACTORIES = {
+    "isotropic_noise": lambda: anisonoise.isotropic_noise(1e-2),
+    "dynamic_isotropic_noise": lambda: anisonoise.dynamic_isotropic_noise(
+        batch_size=5),
+    "diagonal_noise": lambda: anisonoise.diagonal_noise(batch_size=5),
+    "leading_noise": lambda: anisonoise.leading_noise(3, batch_size=5),
+    "hessian_noise": lambda: anisonoise.hessian_noise(
+        3, batch_size=5, refresh_every=2),
+    "hessian_eigvec_noise": lambda: anisonoise.hessian_eigvec_noise(
+        batch_size=5),
+    "sgd_noise": lambda: anisonoise.sgd_noise(batch_size=5),
+}
+NAMES = sorted(FACTORIES)
+
+
+def _grad(loss_fn, params, batch):
+  return jax.grad(lambda p: jnp.mean(loss_fn(p, batch)))(params)
+
+
+def _tuple_problem(dtype=jnp.float64):
+  loss_fn, params, batch = logistic_problem(dtype=dtype)
+  tparams = (params["w"], params["b"])
+  return (lambda p, b: loss_fn({"w": p[0], "b": p[1]}, b)), tparams, batch
+
+
+PYTREES = {
+    "dict": lambda: logistic_problem(),
+    "tuple": _tuple_problem,
+    "nested": lambda: mlp_problem(),
+}
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("tree", sorted(PYTREES))
+def test_jit_matches_eager_and_keeps_structure(name, tree):
+  loss_fn, params, batch = PYTREES[tree]()
+  tx = FACTORIES[name]()
+  state = tx.init(params)
+  grads = _grad(loss_fn, params, batch)
+  eager, s1 = tx.update(grads, state, params, loss_fn=loss_fn, batch=batch,
+                        unrelated_extra=3)
+  jitted, s2 = jax.jit(lambda g, s, p: tx.update(
+      g, s, p, loss_fn=loss_fn, batch=batch))(grads, state, params)
+  assert jax.tree.structure(eager) == jax.tree.structure(params)
+  for a, b in zip(jax.tree.leaves(eager), jax.tree.leaves(jitted)):
+    np.testing.assert_allclose(a, b, rtol=1e-7, atol=1e-10)
+  assert jax.tree.structure(s1) == jax.tree.structure(s2)
+  diff = jax.tree.map(lambda a, b: a - b, eager, grads)
+  assert max(float(jnp.abs(x).max()) for x in jax.tree.leaves(diff)) > 0
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_no_recompilation_on_second_call(name):
+  loss_fn, params, batch = mlp_problem()
+  tx = optax.chain(FACTORIES[name](), optax.sgd(0.1))
+  traces = []
+
+  @jax.jit
+  def step(params, state, batch):
+    traces.append(1)
+    grads = _grad(loss_fn, params, batch)
+    updates, state = tx.update(grads, state, params, loss_fn=loss_fn,
+                               batch=batch)
+    return optax.apply_updates(params, updates), state
+
+  state = tx.init(params)
+  for _ in range(3):
+    params, state = step(params, state, batch)
+  assert len(traces) == 1
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_dtype_preserved(name, dtype):
+  loss_fn, params, batch = mlp_problem(dtype=dtype)
+  tx = FACTORIES[name]()
+  state = tx.init(params)
+  grads = _grad(loss_fn, params, batch)
+  updates, new_state = jax.jit(lambda g, s, p: tx.update(
+      g, s, p, loss_fn=loss_fn, batch=batch))(grads, state, params)
+  for u in jax.tree.leaves(updates):
+    assert u.dtype == dtype
+  for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(new_state)):
+    assert a.dtype == b.dtype and a.shape == b.shape
+    if jnp.issubdtype(a.dtype, jnp.floating):
+      assert a.dtype == dtype
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("opt", ["sgd", "momentum", "adam"])
+def test_chains_in_front_of_optimizers(name, opt):
+  loss_fn, params, batch = mlp_problem()
+  inner = {"sgd": optax.sgd(0.07), "momentum": optax.sgd(0.07, momentum=0.9),
+           "adam": optax.adam(1e-3)}[opt]
+  tx = optax.chain(FACTORIES[name](), inner)
+  state = tx.init(params)
+
+  @jax.jit
+  def step(params, state):
+    grads = _grad(loss_fn, params, batch)
+    updates, state = tx.update(grads, state, params, loss_fn=loss_fn,
+                               batch=batch)
+    return optax.apply_updates(params, updates), state
+
+  for _ in range(3):
+    params, state = step(params, state)
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params))
+  assert int(state[0].count) == 3
+
+
+class _Net(nnx.Module):
+
+  def __init__(self, rngs):
+    self.l1 = nnx.Linear(4, 8, rngs=rngs)
+    self.l2 = nnx.Linear(8, 3, rngs=rngs)
+
+  def __call__(self, x):
+    return self.l2(jnp.tanh(self.l1(x)))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_nnx_optimizer(name):
+  model = _Net(nnx.Rngs(0))
+  graphdef, _ = nnx.split(model, nnx.Param)
+  rng = np.random.default_rng(0)
+  batch = {"x": jnp.asarray(rng.normal(size=(24, 4)), jnp.float32),
+           "y": jnp.asarray(rng.integers(0, 3, size=24))}
+
+  def loss_fn(params, b):
+    logits = nnx.merge(graphdef, params)(b["x"])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, b["y"])
+
+  optimizer = nnx.Optimizer(
+      model, optax.chain(FACTORIES[name](), optax.sgd(0.1)), wrt=nnx.Param)
+
+  @nnx.jit
+  def train_step(model, optimizer, batch):
+    params = nnx.state(model, nnx.Param)
+    grads = jax.grad(lambda p: jnp.mean(loss_fn(p, batch)))(params)
+    optimizer.update(model, grads, loss_fn=loss_fn, batch=batch)
+
+  before = jax.tree.map(jnp.copy, nnx.state(model, nnx.Param))
+  train_step(model, optimizer, batch)
+  train_step(model, optimizer, batch)
+  after = nnx.state(model, nnx.Param)
+  moved = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), before,
+                       after)
+  assert max(jax.tree.leaves(moved)) > 0
+  assert int(optimizer.opt_state[0].count[...]) == 2

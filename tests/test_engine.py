@@ -1,0 +1,160 @@
+"""The engine against dense float64 references."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+
+import anisonoise
+from conftest import dense_reference, linear_problem, mlp_problem
+
+
+def _flat(tree):
+  return np.asarray(ravel_pytree(tree)[0])
+
+
+def _random_like(params, seed):
+  flat, unravel = ravel_pytree(params)
+  return unravel(jax.random.normal(jax.random.key(seed), flat.shape,
+                                   flat.dtype))
+
+
+def test_hvp_matches_dense_hessian(problem):
+  loss_fn, params, batch = problem
+  _, _, _, h = dense_reference(loss_fn, params, batch)
+  v = _random_like(params, 0)
+  expected = h @ _flat(v)
+  np.testing.assert_allclose(
+      _flat(anisonoise.hvp(loss_fn, params, batch, v)), expected,
+      rtol=1e-10, atol=1e-12)
+  op = anisonoise.hessian_operator(loss_fn, params, batch)
+  np.testing.assert_allclose(_flat(op(v)), expected, rtol=1e-10, atol=1e-12)
+
+
+def test_covariance_matvec_matches_outer_products(problem):
+  loss_fn, params, batch = problem
+  g, gbar, _, _ = dense_reference(loss_fn, params, batch)
+  # C from explicit per-example outer products, not from the centred Jacobian.
+  c = sum(np.outer(gi - gbar, gi - gbar) for gi in g) / g.shape[0]
+  v = _random_like(params, 1)
+  cv = anisonoise.covariance_operator(loss_fn, params, batch)(v)
+  np.testing.assert_allclose(_flat(cv), c @ _flat(v), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 1, 7, 1000])
+def test_per_example_grads_chunked(problem, chunk_size):
+  loss_fn, params, batch = problem
+  g, _, _, _ = dense_reference(loss_fn, params, batch)
+  pe = anisonoise.per_example_grads(loss_fn, params, batch,
+                                    chunk_size=chunk_size)
+  got = np.asarray(jax.vmap(lambda t: ravel_pytree(t)[0])(pe))
+  np.testing.assert_allclose(got, g, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 4, 7])
+def test_covariance_diagonal_and_trace_exact(problem, chunk_size):
+  loss_fn, params, batch = problem
+  _, _, c, _ = dense_reference(loss_fn, params, batch)
+  diag = anisonoise.covariance_diagonal(loss_fn, params, batch,
+                                        chunk_size=chunk_size)
+  np.testing.assert_allclose(_flat(diag), np.diag(c), rtol=1e-9, atol=1e-12)
+  tr = anisonoise.covariance_trace(loss_fn, params, batch,
+                                   chunk_size=chunk_size)
+  np.testing.assert_allclose(float(tr), np.trace(c), rtol=1e-9)
+
+
+def test_covariance_trace_hutchinson_within_its_error():
+  loss_fn, params, batch = mlp_problem()
+  _, _, c, _ = dense_reference(loss_fn, params, batch)
+  num_probes = 400
+  est = anisonoise.covariance_trace(loss_fn, params, batch,
+                                    method="hutchinson",
+                                    key=jax.random.key(3),
+                                    num_probes=num_probes)
+  # Rademacher probes: Var(v^T C v) = 2 (||C||_F^2 - sum_i C_ii^2).
+  sd = np.sqrt(2 * (np.sum(c**2) - np.sum(np.diag(c) ** 2)) / num_probes)
+  assert abs(float(est) - np.trace(c)) < 4 * sd
+  assert sd < 0.2 * np.trace(c)  # the check is not vacuous
+
+
+def test_sgd_noise_sample_covariance():
+  loss_fn, params, batch = linear_problem()
+  _, _, c, _ = dense_reference(loss_fn, params, batch)
+  m = 5
+  target = c / m
+  num = 20000
+  keys = jax.random.split(jax.random.key(0), num)
+  draws = jax.vmap(lambda k: anisonoise.sample_sgd_noise(
+      loss_fn, params, batch, k, batch_size=m))(keys)
+  draws = np.asarray(draws)
+  s = draws.T @ draws / num
+  # For Gaussian draws, E||S - Sigma||_F^2 = (Tr(Sigma)^2 + ||Sigma||_F^2)/N.
+  expected = np.sqrt((np.trace(target) ** 2 + np.sum(target**2)) / num)
+  assert np.linalg.norm(s - target) < 4 * expected
+  assert abs(np.trace(s) - np.trace(target)) < 5 * np.sqrt(
+      2 * np.sum(target**2) / num)
+  np.testing.assert_allclose(draws.mean(0), 0, atol=5 * np.sqrt(
+      np.diag(target).max() / num))
+
+
+def _gapped_matrix(d=120, seed=0):
+  rng = np.random.default_rng(seed)
+  q, _ = np.linalg.qr(rng.normal(size=(d, d)))
+  lam = np.concatenate([[50., 30., 20., 12., 8.],
+                        rng.uniform(-1.0, 1.0, size=d - 5)])
+  return (q * lam) @ q.T
+
+
+@pytest.mark.parametrize("unroll", [True, False])
+def test_lanczos_top_k_matches_eigh(unroll):
+  a = _gapped_matrix()
+  k = 5
+  params = {"a": jnp.zeros(60), "b": jnp.zeros((6, 10))}  # D = 120 pytree
+  flat0, unravel = ravel_pytree(params)
+  mat = jnp.asarray(a)
+
+  def matvec(v):
+    return unravel(mat @ ravel_pytree(v)[0])
+
+  res = jax.jit(lambda key: anisonoise.top_eigenpairs(
+      matvec, params, k, key=key, num_iters=40, unroll=unroll))(
+          jax.random.key(0))
+  w, v = np.linalg.eigh(a)
+  ref_vals, ref_vecs = w[::-1][:k], v[:, ::-1][:, :k]
+  np.testing.assert_allclose(np.asarray(res.eigenvalues), ref_vals,
+                             rtol=1e-6)
+  vecs = np.asarray(jax.vmap(lambda t: ravel_pytree(t)[0])(res.eigenvectors))
+  cos = np.abs(np.sum(vecs * ref_vecs.T, axis=1))
+  assert np.all(cos >= 0.999), cos
+  assert np.all(np.asarray(res.residual_norms) < 1e-6)
+
+
+def test_lanczos_on_mlp_hessian_and_covariance():
+  loss_fn, params, batch = mlp_problem()
+  _, _, c, h = dense_reference(loss_fn, params, batch)
+  d = c.shape[0]
+  for op, ref in ((anisonoise.hessian_operator, h),
+                  (anisonoise.covariance_operator, c)):
+    res = anisonoise.top_eigenpairs(op(loss_fn, params, batch), params, 3,
+                                    key=jax.random.key(1), num_iters=d)
+    w = np.linalg.eigvalsh(ref)[::-1][:3]
+    np.testing.assert_allclose(np.asarray(res.eigenvalues), w, rtol=1e-6)
+
+
+def test_lanczos_bad_arguments():
+  like = jnp.zeros(10)
+  mv = lambda v: v  # noqa: E731
+  with pytest.raises(ValueError, match="k must be a positive int"):
+    anisonoise.top_eigenpairs(mv, like, 0, key=jax.random.key(0))
+  with pytest.raises(ValueError, match="at most 10"):
+    anisonoise.top_eigenpairs(mv, like, 11, key=jax.random.key(0))
+  with pytest.raises(ValueError, match="num_iters"):
+    anisonoise.top_eigenpairs(mv, like, 3, key=jax.random.key(0),
+                              num_iters=2)
+
+
+def test_chunk_size_validated():
+  loss_fn, params, batch = linear_problem()
+  with pytest.raises(ValueError, match="chunk_size"):
+    anisonoise.per_example_grads(loss_fn, params, batch, chunk_size=0)

@@ -1,0 +1,190 @@
+"""Each transform's noise against its target covariance (Table 1)."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+
+import anisonoise
+from conftest import dense_reference, linear_problem
+
+NUM_DRAWS = 20000
+M = 4  # SGD minibatch size whose noise trace is matched
+K = 3
+
+
+def _top(mat, k):
+  w, v = np.linalg.eigh(mat)
+  return w[::-1][:k], v[:, ::-1][:, :k]
+
+
+def _targets(loss_fn, params, batch):
+  """Dense target covariances of every transform, from DESIGN.md's table."""
+  _, _, c, h = dense_reference(loss_fn, params, batch)
+  d = c.shape[0]
+  t = np.trace(c) / M
+  gam, vc = _top(c, K)
+  lam, uh = _top(h, K)
+  lam = np.maximum(lam, 0)
+  return {
+      "isotropic": (anisonoise.isotropic_noise(0.3),
+                    0.09 * np.eye(d)),
+      "dynamic": (anisonoise.dynamic_isotropic_noise(batch_size=M),
+                  t / d * np.eye(d)),
+      "dynamic_trace": (anisonoise.dynamic_isotropic_noise(trace=0.5),
+                        0.5 / d * np.eye(d)),
+      "diagonal": (anisonoise.diagonal_noise(batch_size=M),
+                   np.diag(np.diag(c)) / M),
+      "diagonal_trace": (anisonoise.diagonal_noise(trace=0.5),
+                         0.5 * np.diag(np.diag(c)) / np.trace(c)),
+      "leading": (anisonoise.leading_noise(K, batch_size=M),
+                  t * (vc * gam) @ vc.T / gam.sum()),
+      "hessian": (anisonoise.hessian_noise(K, batch_size=M),
+                  t * (uh * lam) @ uh.T / lam.sum()),
+      "hessian_trace": (anisonoise.hessian_noise(K, trace=0.5),
+                        0.5 * (uh * lam) @ uh.T / lam.sum()),
+      "eigvec": (anisonoise.hessian_eigvec_noise(batch_size=M),
+                 t * np.outer(uh[:, 0], uh[:, 0])),
+      "sgd": (anisonoise.sgd_noise(batch_size=M), c / M),
+  }
+
+
+@functools.lru_cache(maxsize=None)
+def _problem_and_targets():
+  loss_fn, params, batch = linear_problem()
+  return loss_fn, params, batch, _targets(loss_fn, params, batch)
+
+
+def _draws(tx, loss_fn, params, batch, num, seed=0):
+  """``num`` noise draws: one update each, vmapped over the state's key."""
+  state = tx.init(params)
+  zeros = jax.tree.map(jnp.zeros_like, params)
+
+  def one(key):
+    s = state._replace(rng_key=key)
+    eps, _ = tx.update(zeros, s, params, loss_fn=loss_fn, batch=batch)
+    return ravel_pytree(eps)[0]
+
+  keys = jax.random.split(jax.random.key(seed), num)
+  return np.asarray(jax.jit(jax.vmap(one))(keys))
+
+
+@pytest.mark.parametrize("name", sorted(_problem_and_targets()[3]))
+def test_sample_covariance_matches_target(name):
+  loss_fn, params, batch, targets = _problem_and_targets()
+  tx, target = targets[name]
+  x = _draws(tx, loss_fn, params, batch, NUM_DRAWS)
+  s = x.T @ x / NUM_DRAWS
+  # Gaussian draws: E||S - Sigma||_F^2 = (Tr(Sigma)^2 + ||Sigma||_F^2) / N,
+  # Var(Tr S) = 2 ||Sigma||_F^2 / N.
+  fro = np.linalg.norm(target)
+  rel_sd = np.sqrt((np.trace(target) ** 2 + fro**2) / NUM_DRAWS) / fro
+  rel_err = np.linalg.norm(s - target) / fro
+  assert rel_err < 4 * rel_sd, (rel_err, rel_sd)
+  tr_sd = np.sqrt(2 * fro**2 / NUM_DRAWS)
+  assert abs(np.trace(s) - np.trace(target)) < 5 * tr_sd
+  # The tolerance separates, e.g., a missing 1/m or the isotropic target.
+  assert 4 * rel_sd < 0.15
+
+
+def test_targets_are_distinct():
+  """The statistical test could tell the structures apart."""
+  *_, targets = _problem_and_targets()
+  mats = {k: v[1] for k, v in targets.items()}
+  for a in ("dynamic", "diagonal", "leading", "hessian", "eigvec", "sgd"):
+    for b in ("dynamic", "diagonal", "leading", "hessian", "eigvec", "sgd"):
+      if a < b:
+        fro = np.linalg.norm(mats[a])
+        tol = 4 * np.sqrt((np.trace(mats[a]) ** 2 + fro**2) / NUM_DRAWS) / fro
+        rel = np.linalg.norm(mats[a] - mats[b]) / fro
+        assert rel > 2 * tol, (a, b, rel, tol)
+
+
+REFRESHING = {
+    "dynamic": lambda r: anisonoise.dynamic_isotropic_noise(
+        batch_size=M, refresh_every=r),
+    "diagonal": lambda r: anisonoise.diagonal_noise(
+        batch_size=M, refresh_every=r),
+    "leading": lambda r: anisonoise.leading_noise(
+        K, batch_size=M, refresh_every=r),
+    "hessian": lambda r: anisonoise.hessian_noise(
+        K, batch_size=M, refresh_every=r),
+    "eigvec": lambda r: anisonoise.hessian_eigvec_noise(
+        batch_size=M, refresh_every=r),
+}
+
+
+@pytest.mark.parametrize("name", sorted(REFRESHING))
+def test_refresh_every_caches_factor(name):
+  loss_fn, params, batch = linear_problem()
+  tx = REFRESHING[name](3)
+  state = tx.init(params)
+  step = jax.jit(lambda g, s, p: tx.update(g, s, p, loss_fn=loss_fn,
+                                           batch=batch))
+  traces = []
+  for _ in range(7):
+    grads = jax.grad(lambda p: jnp.mean(loss_fn(p, batch)))(params)
+    updates, state = step(grads, state, params)
+    params = params - 0.3 * updates  # move, so a refresh would change it
+    traces.append(float(state.trace))
+  # Refresh steps are 0, 3, 6: the trace holds in between and changes there.
+  assert traces[0] == traces[1] == traces[2]
+  assert traces[3] == traces[4] == traces[5]
+  assert traces[2] != traces[3] and traces[5] != traces[6]
+
+
+@pytest.mark.parametrize("name", sorted(_problem_and_targets()[3]))
+def test_same_key_same_noise_different_key_different(name):
+  loss_fn, params, batch, targets = _problem_and_targets()
+  tx = targets[name][0]
+  a = _draws(tx, loss_fn, params, batch, 3, seed=0)
+  b = _draws(tx, loss_fn, params, batch, 3, seed=0)
+  c = _draws(tx, loss_fn, params, batch, 3, seed=1)
+  np.testing.assert_array_equal(a, b)
+  assert np.all(np.abs(a - c).max(axis=1) > 0)
+  assert np.all(np.abs(a[0] - a[1]) >= 0) and np.abs(a[0] - a[1]).max() > 0
+
+
+def test_construction_key_controls_noise():
+  loss_fn, params, batch = linear_problem()
+  grads = jnp.zeros_like(params)
+
+  def first(key):
+    tx = anisonoise.sgd_noise(batch_size=M, key=key)
+    return tx.update(grads, tx.init(params), params, loss_fn=loss_fn,
+                     batch=batch)[0]
+
+  np.testing.assert_array_equal(first(0), first(0))
+  np.testing.assert_array_equal(first(0), first(jax.random.key(0)))
+  assert np.abs(first(0) - first(1)).max() > 0
+
+
+def test_noise_is_added_to_updates():
+  loss_fn, params, batch = linear_problem()
+  tx = anisonoise.leading_noise(2, batch_size=M)
+  g = jnp.arange(params.size, dtype=params.dtype)
+  s = tx.init(params)
+  with_g, _ = tx.update(g, s, params, loss_fn=loss_fn, batch=batch)
+  without, _ = tx.update(jnp.zeros_like(g), s, params, loss_fn=loss_fn,
+                         batch=batch)
+  np.testing.assert_allclose(with_g - without, g, atol=1e-12)
+
+
+def test_nonfinite_refresh_keeps_cached_factor():
+  loss_fn, params, batch = linear_problem()
+  tx = anisonoise.hessian_noise(2, batch_size=M, refresh_every=2)
+  state = tx.init(params)
+  _, state = tx.update(params, state, params, loss_fn=loss_fn, batch=batch)
+  good = state
+  bad_batch = {"x": batch["x"].at[0, 0].set(jnp.nan), "y": batch["y"]}
+  _, state = tx.update(params, state, params, loss_fn=loss_fn,
+                       batch=bad_batch)  # count 1: no refresh
+  eps, state = tx.update(jnp.zeros_like(params), state, params,
+                         loss_fn=loss_fn, batch=bad_batch)  # count 2: refresh
+  assert int(state.num_rejected) == 1
+  np.testing.assert_array_equal(state.eigenvectors, good.eigenvectors)
+  np.testing.assert_array_equal(state.trace, good.trace)
+  assert np.all(np.isfinite(eps))
