@@ -54,6 +54,8 @@ def test_jit_matches_eager_and_keeps_structure(name, tree):
   jitted, s2 = jax.jit(lambda g, s, p: tx.update(
       g, s, p, loss_fn=loss_fn, batch=batch))(grads, state, params)
   assert jax.tree.structure(eager) == jax.tree.structure(params)
+  for u in jax.tree.leaves(jitted):
+    assert u.dtype == jnp.float64
   for a, b in zip(jax.tree.leaves(eager), jax.tree.leaves(jitted)):
     np.testing.assert_allclose(a, b, rtol=1e-7, atol=1e-10)
   assert jax.tree.structure(s1) == jax.tree.structure(s2)
@@ -82,7 +84,7 @@ def test_no_recompilation_on_second_call(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+@pytest.mark.parametrize("dtype", [jnp.float32])  # float64: the tests above
 def test_dtype_preserved(name, dtype):
   loss_fn, params, batch = mlp_problem(dtype=dtype)
   tx = FACTORIES[name]()
@@ -99,7 +101,7 @@ def test_dtype_preserved(name, dtype):
 
 
 @pytest.mark.parametrize("name", NAMES)
-@pytest.mark.parametrize("opt", ["sgd", "momentum", "adam"])
+@pytest.mark.parametrize("opt", ["momentum", "adam"])  # sgd: test above
 def test_chains_in_front_of_optimizers(name, opt):
   loss_fn, params, batch = mlp_problem()
   inner = {"sgd": optax.sgd(0.07), "momentum": optax.sgd(0.07, momentum=0.9),

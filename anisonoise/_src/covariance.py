@@ -139,8 +139,8 @@ def covariance_diagonal(
     >>> import jax.numpy as jnp, anisonoise
     >>> loss_fn = lambda w, b: b['x'] @ w
     >>> batch = {'x': jnp.array([[1., 0.], [-1., 0.]])}
-    >>> anisonoise.covariance_diagonal(loss_fn, jnp.zeros(2), batch)
-    Array([1., 0.], dtype=float32)
+    >>> anisonoise.covariance_diagonal(loss_fn, jnp.zeros(2), batch).tolist()
+    [1.0, 0.0]
   """
   _check_chunk_size(chunk_size)
   n = batching.check_loss_and_batch(
@@ -247,8 +247,8 @@ def covariance_operator(
     >>> loss_fn = lambda w, b: b['x'] @ w
     >>> batch = {'x': jnp.array([[1., 0.], [-1., 0.]])}
     >>> cv = anisonoise.covariance_operator(loss_fn, jnp.zeros(2), batch)
-    >>> cv(jnp.array([1., 1.]))
-    Array([1., 0.], dtype=float32)
+    >>> cv(jnp.array([1., 1.])).tolist()
+    [1.0, 0.0]
   """
   n = batching.check_loss_and_batch(
       loss_fn, params, batch, "covariance_operator"

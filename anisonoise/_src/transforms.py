@@ -123,9 +123,13 @@ class SgdNoiseState(NamedTuple):
 
 
 def _canonical_key(key: KeyLike) -> jax.Array:
-  if isinstance(key, int):
+  if isinstance(key, int) and not isinstance(key, bool):
     return jax.random.key(key)
-  key = jnp.asarray(key)
+  if not isinstance(key, (jax.Array, jax.core.Tracer)):
+    raise ValueError(
+        "key must be an int seed or a PRNG key (jax.random.key(0)), got"
+        f" {key!r}."
+    )
   if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
     return key
   if key.dtype == jnp.uint32 and key.shape == (2,):

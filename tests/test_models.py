@@ -1,0 +1,46 @@
+"""The paper's LeNet: size, and the fast formulation against plain XLA."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from anisonoise.models import (LENET_NUM_PARAMS, LeNet, lenet_patches,
+                               num_params, reference_lenet_logits)
+
+
+def test_lenet_has_the_papers_parameter_count():
+  assert num_params(LeNet(nnx.Rngs(0))) == LENET_NUM_PARAMS == 11_330
+
+
+def test_patches_formulation_matches_xla_convolutions():
+  model = LeNet(nnx.Rngs(0), std=0.3)
+  graphdef, params = nnx.split(model, nnx.Param)
+  params = jax.tree.map(lambda x: x.astype(jnp.float64), params)  # exact
+  rng = np.random.default_rng(0)
+  images = jnp.asarray(rng.uniform(-1, 1, (6, 28, 28, 1)), jnp.float64)
+  labels = jnp.asarray(rng.integers(0, 10, 6))
+
+  def loss(params, x, forward):
+    m = nnx.merge(graphdef, params)
+    logits = forward(m, x)
+    return optax.softmax_cross_entropy_with_integer_labels(
+        logits, labels).mean()
+
+  fast = jax.value_and_grad(loss)(params, lenet_patches(images),
+                                  lambda m, x: m(x))
+  ref = jax.value_and_grad(loss)(params, images, reference_lenet_logits)
+  np.testing.assert_allclose(fast[0], ref[0], rtol=1e-12)
+  for a, b in zip(jax.tree.leaves(fast[1]), jax.tree.leaves(ref[1])):
+    np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-14)
+  # Images and patches give the same logits.
+  x32 = images.astype(jnp.float32)
+  np.testing.assert_allclose(model(x32), model(lenet_patches(x32)),
+                             rtol=1e-4, atol=1e-6)
+
+
+def test_lenet_rejects_wrong_input_shape():
+  with pytest.raises(ValueError, match=r"images \(n, 28, 28, 1\) or patches"):
+    LeNet(nnx.Rngs(0))(jnp.zeros((2, 28, 28)))
