@@ -15,6 +15,21 @@ from anisonoise._src.curvature import EigenResult
 from anisonoise._src.curvature import hessian_operator
 from anisonoise._src.curvature import hvp
 from anisonoise._src.curvature import top_eigenpairs
+from anisonoise._src.diagnostics import GradientNoiseNorms
+from anisonoise._src.diagnostics import HessianSpectrum
+from anisonoise._src.diagnostics import MonteCarloEstimate
+from anisonoise._src.diagnostics import OUEscapeEfficiency
+from anisonoise._src.diagnostics import SpectralDensity
+from anisonoise._src.diagnostics import escape_indicator
+from anisonoise._src.diagnostics import escape_ratio
+from anisonoise._src.diagnostics import expected_sharpness
+from anisonoise._src.diagnostics import gradient_noise_norms
+from anisonoise._src.diagnostics import hessian_spectrum
+from anisonoise._src.diagnostics import hessian_trace
+from anisonoise._src.diagnostics import isotropic_escape_indicator
+from anisonoise._src.diagnostics import ou_escape_efficiency
+from anisonoise._src.diagnostics import projection_coefficient
+from anisonoise._src.diagnostics import spectral_density
 from anisonoise._src.transforms import DiagonalNoiseState
 from anisonoise._src.transforms import DynamicIsotropicNoiseState
 from anisonoise._src.transforms import HessianEigvecNoiseState
@@ -37,26 +52,41 @@ __all__ = (
     "DiagonalNoiseState",
     "DynamicIsotropicNoiseState",
     "EigenResult",
+    "GradientNoiseNorms",
     "HessianEigvecNoiseState",
     "HessianNoiseState",
+    "HessianSpectrum",
     "IsotropicNoiseState",
     "LeadingNoiseState",
     "LowRankNoiseState",
+    "MonteCarloEstimate",
+    "OUEscapeEfficiency",
     "SgdNoiseState",
+    "SpectralDensity",
     "covariance_diagonal",
     "covariance_operator",
     "covariance_trace",
     "diagonal_noise",
     "dynamic_isotropic_noise",
+    "escape_indicator",
+    "escape_ratio",
+    "expected_sharpness",
+    "gradient_noise_norms",
     "hessian_eigvec_noise",
     "hessian_noise",
     "hessian_operator",
+    "hessian_spectrum",
+    "hessian_trace",
     "hvp",
+    "isotropic_escape_indicator",
     "isotropic_noise",
     "leading_noise",
     "num_examples",
+    "ou_escape_efficiency",
     "per_example_grads",
+    "projection_coefficient",
     "sample_sgd_noise",
     "sgd_noise",
+    "spectral_density",
     "top_eigenpairs",
 )

@@ -135,6 +135,34 @@ def _lanczos_step(mv, j, carry):
   return basis, alphas, betas
 
 
+def _lanczos(matvec, unravel, v0, num_iters, unroll):
+  """``num_iters`` Lanczos steps from ``v0`` (flat): basis rows, diagonal and
+  off-diagonal (the last entry is the residual ``beta_m``)."""
+  dim = v0.size
+  dtype = v0.dtype
+
+  def mv(x):
+    return ravel_pytree(matvec(unravel(x)))[0].astype(dtype)
+
+  v0 = v0 / jnp.linalg.norm(v0)
+  basis = jnp.zeros((num_iters + 1, dim), dtype).at[0].set(v0)
+  carry = (basis, jnp.zeros(num_iters, dtype), jnp.zeros(num_iters, dtype))
+  if unroll:
+    for j in range(num_iters):
+      carry = _lanczos_step(mv, j, carry)
+  else:
+    carry = jax.lax.fori_loop(
+        0, num_iters, lambda j, c: _lanczos_step(mv, j, c), carry
+    )
+  return carry
+
+
+def tridiagonal(alphas: jax.Array, betas: jax.Array) -> jax.Array:
+  """The dense symmetric tridiagonal matrix of Lanczos coefficients."""
+  off = betas[: alphas.size - 1]
+  return jnp.diag(alphas) + jnp.diag(off, 1) + jnp.diag(off, -1)
+
+
 def top_eigenpairs(
     matvec: Matvec,
     like: Params,
@@ -195,29 +223,13 @@ def top_eigenpairs(
     unroll = num_iters <= _UNROLL_LIMIT
 
   dtype = flat.dtype
-
-  def mv(x):
-    return ravel_pytree(matvec(unravel(x)))[0].astype(dtype)
-
   if init_vector is None:
     v0 = jax.random.normal(key, (dim,), dtype)
   else:
     v0 = ravel_pytree(init_vector)[0].astype(dtype)
-  v0 = v0 / jnp.linalg.norm(v0)
+  basis, alphas, betas = _lanczos(matvec, unravel, v0, num_iters, unroll)
 
-  basis = jnp.zeros((num_iters + 1, dim), dtype).at[0].set(v0)
-  carry = (basis, jnp.zeros(num_iters, dtype), jnp.zeros(num_iters, dtype))
-  if unroll:
-    for j in range(num_iters):
-      carry = _lanczos_step(mv, j, carry)
-  else:
-    carry = jax.lax.fori_loop(
-        0, num_iters, lambda j, c: _lanczos_step(mv, j, c), carry
-    )
-  basis, alphas, betas = carry
-
-  tri = jnp.diag(alphas) + jnp.diag(betas[:-1], 1) + jnp.diag(betas[:-1], -1)
-  evals, evecs = jnp.linalg.eigh(tri)
+  evals, evecs = jnp.linalg.eigh(tridiagonal(alphas, betas))
   order = jnp.arange(num_iters - 1, num_iters - 1 - k, -1)
   top_vals = evals[order]
   top_y = evecs[:, order]  # (num_iters, k)

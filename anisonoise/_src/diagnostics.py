@@ -1,0 +1,702 @@
+"""The paper's diagnostics of escaping, as pure functions on the engine.
+
+All model-based diagnostics take the library's ``loss_fn(params, batch) ->
+(n,)`` / ``batch`` convention and are built on the engine (per-example
+gradients, ``C v``, ``H v``, Lanczos); none forms ``H`` or ``C``. Monte Carlo
+estimators return a :class:`MonteCarloEstimate` (mean and standard error).
+Dense-matrix helpers (:func:`ou_escape_efficiency`, :func:`escape_ratio`)
+serve the theory of Sections 3.1-3.2.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.flatten_util import ravel_pytree
+
+from anisonoise._src import batching
+from anisonoise._src import covariance
+from anisonoise._src import curvature
+from anisonoise._src.batching import Batch, LossFn, Params
+
+
+class MonteCarloEstimate(NamedTuple):
+  """A Monte Carlo mean and its standard error (sample sd / sqrt(N))."""
+
+  mean: jax.Array
+  stderr: jax.Array
+
+
+def _mean_and_sem(samples: jax.Array) -> MonteCarloEstimate:
+  num = samples.shape[0]
+  sd = jnp.std(samples, ddof=1) if num > 1 else jnp.zeros_like(samples[0])
+  return MonteCarloEstimate(jnp.mean(samples), sd / math.sqrt(num))
+
+
+def _check_num_samples(num_samples) -> None:
+  if isinstance(num_samples, bool) or not isinstance(num_samples, int) or (
+      num_samples < 1):
+    raise ValueError(f"num_samples must be an int >= 1, got {num_samples!r}.")
+
+
+def _check_batch_size(batch_size) -> None:
+  if batch_size is not None and (
+      isinstance(batch_size, bool) or not isinstance(batch_size, int)
+      or batch_size < 1):
+    raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}.")
+
+
+def _require_key(key, who):
+  if key is None:
+    raise ValueError(f"{who} needs a PRNG key (key=jax.random.key(0)).")
+
+
+def _vdot_tree(a: Params, b: Params) -> jax.Array:
+  return sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a),
+                                            jax.tree.leaves(b)))
+
+
+def _num_params(params: Params) -> int:
+  return sum(math.prod(jnp.shape(x)) for x in jax.tree.leaves(params))
+
+
+# --------------------------------------------------------------------------
+# Escape indicator Tr(H Sigma)
+# --------------------------------------------------------------------------
+
+
+def escape_indicator(
+    loss_fn: LossFn,
+    params: Params,
+    batch: Batch,
+    *,
+    batch_size: int | None = None,
+    method: str = "exact",
+    key: jax.Array | None = None,
+    num_samples: int = 100,
+    chunk_size: int | None = None,
+) -> jax.Array | MonteCarloEstimate:
+  """The escape indicator ``Tr(H Sigma_sgd)`` of paper Eqs. 11 and 13.
+
+  .. math::
+    \\mathrm{Tr}(H \\Sigma^{sgd}) = \\frac{1}{m n} \\sum_{i=1}^n
+    (g_i - \\bar g)^\\top H (g_i - \\bar g)
+
+  ``method="exact"`` evaluates the sum with one Hessian-vector product per
+  example (per-example gradients in chunks, HVPs from one linearisation), so
+  it costs ``n`` HVPs: the choice for small models. ``method="stochastic"``
+  averages ``eps^T H eps`` over ``eps ~ N(0, Sigma_sgd)`` drawn matrix-free
+  (:func:`sample_sgd_noise`): one backward pass and one HVP per sample, and
+  an unbiased estimate whatever ``n`` is.
+
+  Args:
+    loss_fn: ``loss_fn(params, batch) -> (n,)`` per-example losses.
+    params: the point ``theta``.
+    batch: the estimation batch (``H`` and ``C`` are taken over it).
+    batch_size: the SGD minibatch size ``m`` (default ``n``).
+    method: ``"exact"`` or ``"stochastic"``.
+    key: PRNG key (``"stochastic"`` only).
+    num_samples: number of draws (``"stochastic"`` only).
+    chunk_size: examples per chunk (``"exact"`` only).
+
+  Returns:
+    A scalar (``"exact"``) or a :class:`MonteCarloEstimate`.
+
+  Example:
+    >>> import jax.numpy as jnp, anisonoise
+    >>> loss_fn = lambda w, b: 0.5 * (b['x'] @ w) ** 2
+    >>> batch = {'x': jnp.array([[1., 0.], [2., 0.]])}
+    >>> float(anisonoise.escape_indicator(loss_fn, jnp.ones(2), batch))
+    2.8125
+
+  References:
+    Zhu et al., ICML 2019, Eqs. 11 and 13.
+  """
+  _check_batch_size(batch_size)
+  n = batching.check_loss_and_batch(loss_fn, params, batch, "escape_indicator")
+  m = n if batch_size is None else batch_size
+  h_op = curvature.hessian_operator(loss_fn, params, batch)
+  if method == "exact":
+    covariance._check_chunk_size(chunk_size)
+    gbar = jax.grad(lambda p: jnp.mean(loss_fn(p, batch)))(params)
+    grad_one = jax.grad(batching.single_example_loss(loss_fn))
+
+    def quad(example):
+      g = jax.tree.map(jnp.subtract, grad_one(params, example), gbar)
+      return _vdot_tree(g, h_op(g))
+
+    total = covariance._chunked_sum(quad, batch, n, chunk_size)
+    return total / (m * n)
+  if method != "stochastic":
+    raise ValueError(
+        f"method must be 'exact' or 'stochastic', got {method!r}.")
+  _require_key(key, "escape_indicator(method='stochastic')")
+  _check_num_samples(num_samples)
+
+  def one(k):
+    eps = covariance.sample_sgd_noise(loss_fn, params, batch, k,
+                                      batch_size=m)
+    return _vdot_tree(eps, h_op(eps))
+
+  samples = jax.lax.map(one, jax.random.split(key, num_samples))
+  return _mean_and_sem(samples)
+
+
+def hessian_trace(
+    loss_fn: LossFn,
+    params: Params,
+    batch: Batch,
+    *,
+    method: str = "exact",
+    key: jax.Array | None = None,
+    num_probes: int = 100,
+) -> jax.Array | MonteCarloEstimate:
+  """``Tr(H)``, exactly from ``D`` HVPs or by Hutchinson's estimator.
+
+  ``method="exact"`` applies ``H`` to every unit vector (``D`` products: small
+  models only); ``method="hutchinson"`` averages ``v^T H v`` over Rademacher
+  probes and returns a :class:`MonteCarloEstimate`.
+
+  Args:
+    loss_fn: ``loss_fn(params, batch) -> (n,)`` per-example losses.
+    params: the point ``theta``.
+    batch: the estimation batch.
+    method: ``"exact"`` or ``"hutchinson"``.
+    key: PRNG key (``"hutchinson"`` only).
+    num_probes: number of probes (``"hutchinson"`` only).
+
+  Returns:
+    A scalar, or a :class:`MonteCarloEstimate`.
+
+  Example:
+    >>> import jax.numpy as jnp, anisonoise
+    >>> loss_fn = lambda w, b: 0.5 * (b['x'] @ w) ** 2
+    >>> batch = {'x': jnp.array([[1., 0.], [0., 2.]])}
+    >>> float(anisonoise.hessian_trace(loss_fn, jnp.zeros(2), batch))
+    2.5
+  """
+  batching.check_loss_and_batch(loss_fn, params, batch, "hessian_trace")
+  flat, unravel = ravel_pytree(params)
+  h_op = curvature.hessian_operator(loss_fn, params, batch)
+
+  def quad(v):
+    return jnp.vdot(v, ravel_pytree(h_op(unravel(v)))[0])
+
+  if method == "exact":
+    eye = jnp.eye(flat.size, dtype=flat.dtype)
+    return jnp.sum(jax.lax.map(quad, eye, batch_size=min(64, flat.size)))
+  if method != "hutchinson":
+    raise ValueError(
+        f"method must be 'exact' or 'hutchinson', got {method!r}.")
+  _require_key(key, "hessian_trace(method='hutchinson')")
+  _check_num_samples(num_probes)
+  probes = jax.random.rademacher(key, (num_probes, flat.size), flat.dtype)
+  return _mean_and_sem(jax.lax.map(quad, probes))
+
+
+def _trace_h(loss_fn, params, batch, method, key, num_probes):
+  tr = hessian_trace(loss_fn, params, batch, method=method, key=key,
+                     num_probes=num_probes)
+  return tr.mean if isinstance(tr, MonteCarloEstimate) else tr
+
+
+def isotropic_escape_indicator(
+    loss_fn: LossFn,
+    params: Params,
+    batch: Batch,
+    *,
+    batch_size: int | None = None,
+    hessian_trace_method: str = "exact",
+    key: jax.Array | None = None,
+    num_probes: int = 100,
+    chunk_size: int | None = None,
+) -> jax.Array:
+  """``Tr(H Sigma_bar)`` for the isotropic equivalent of SGD's noise.
+
+  .. math::
+    \\bar\\Sigma = \\frac{\\mathrm{Tr}\\,\\Sigma^{sgd}}{D} I, \\qquad
+    \\mathrm{Tr}(H\\bar\\Sigma) = \\frac{\\mathrm{Tr}(\\Sigma^{sgd})\\,
+    \\mathrm{Tr}(H)}{D}
+
+  (Proposition 1). ``Tr(Sigma_sgd) = Tr(C)/m`` is exact (per-example
+  gradients); ``Tr(H)`` is exact (``D`` HVPs) or Hutchinson
+  (``hessian_trace_method="hutchinson"`` with ``key``).
+
+  Args:
+    loss_fn: ``loss_fn(params, batch) -> (n,)`` per-example losses.
+    params: the point ``theta``.
+    batch: the estimation batch.
+    batch_size: the SGD minibatch size ``m`` (default ``n``).
+    hessian_trace_method: ``"exact"`` or ``"hutchinson"``.
+    key: PRNG key for Hutchinson.
+    num_probes: Hutchinson probes.
+    chunk_size: examples per chunk for ``Tr(C)``.
+
+  Returns:
+    A scalar.
+
+  Example:
+    >>> import jax.numpy as jnp, anisonoise
+    >>> loss_fn = lambda w, b: 0.5 * (b['x'] @ w) ** 2
+    >>> batch = {'x': jnp.array([[1., 0.], [2., 0.]])}
+    >>> float(anisonoise.isotropic_escape_indicator(loss_fn, jnp.ones(2),
+    ...                                             batch))
+    1.40625
+
+  References:
+    Zhu et al., ICML 2019, Proposition 1.
+  """
+  _check_batch_size(batch_size)
+  n = batching.check_loss_and_batch(loss_fn, params, batch,
+                                    "isotropic_escape_indicator")
+  m = n if batch_size is None else batch_size
+  tr_sigma = covariance.covariance_trace(loss_fn, params, batch,
+                                         chunk_size=chunk_size) / m
+  tr_h = _trace_h(loss_fn, params, batch, hessian_trace_method, key,
+                  num_probes)
+  return tr_sigma * tr_h / _num_params(params)
+
+
+def escape_ratio(h: jax.Array, sigma: jax.Array) -> jax.Array:
+  """Proposition 1's ratio ``Tr(H Sigma) / Tr(H Sigma_bar)`` for matrices.
+
+  .. math::
+    \\frac{\\mathrm{Tr}(H\\Sigma)}{\\mathrm{Tr}(H\\bar\\Sigma)} =
+    \\frac{D\\,\\mathrm{Tr}(H\\Sigma)}{\\mathrm{Tr}(H)\\,\\mathrm{Tr}(\\Sigma)}
+    = O(a D^{2d-1})
+
+  Args:
+    h: symmetric ``(D, D)`` Hessian.
+    sigma: symmetric ``(D, D)`` noise covariance.
+
+  Returns:
+    The ratio (1 for isotropic ``H``).
+
+  Example:
+    >>> import jax.numpy as jnp, anisonoise
+    >>> h = jnp.diag(jnp.array([1., 0.]))
+    >>> float(anisonoise.escape_ratio(h, h))
+    2.0
+
+  References:
+    Zhu et al., ICML 2019, Proposition 1 (Eq. 17).
+  """
+  h, sigma = _check_pair(h, sigma)
+  d = h.shape[0]
+  return d * jnp.sum(h * sigma) / (jnp.trace(h) * jnp.trace(sigma))
+
+
+# --------------------------------------------------------------------------
+# Projection coefficient, gradient vs noise norms
+# --------------------------------------------------------------------------
+
+
+def projection_coefficient(
+    loss_fn: LossFn,
+    params: Params,
+    batch: Batch,
+    *,
+    key: jax.Array,
+    num_iters: int = 30,
+    hessian_trace_method: str = "exact",
+    num_probes: int = 100,
+    chunk_size: int | None = None,
+) -> jax.Array:
+  """The projection coefficient of Proposition 1, Eq. 16 (Fig. 5 middle).
+
+  .. math::
+    a = \\frac{u_1^\\top \\Sigma u_1\\, \\mathrm{Tr} H}{\\lambda_1\\,
+    \\mathrm{Tr}\\,\\Sigma}
+
+  with ``(lambda_1, u_1)`` the top Hessian eigenpair (Lanczos) and
+  ``Sigma = C / m``; ``m`` cancels. ``u_1^T C u_1 = ||G u_1 - mean||^2 / n``
+  is one forward-mode product.
+
+  Args:
+    loss_fn: ``loss_fn(params, batch) -> (n,)`` per-example losses.
+    params: the point ``theta``.
+    batch: the estimation batch.
+    key: PRNG key (Lanczos start; Hutchinson probes).
+    num_iters: Lanczos iterations for ``(lambda_1, u_1)``.
+    hessian_trace_method: ``"exact"`` (``D`` HVPs) or ``"hutchinson"``.
+    num_probes: Hutchinson probes.
+    chunk_size: examples per chunk for ``Tr(C)``.
+
+  Returns:
+    A scalar ``a``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, anisonoise
+    >>> loss_fn = lambda w, b: 0.5 * (b['x'] @ w) ** 2
+    >>> batch = {'x': jnp.array([[1., 0.], [2., 0.]])}
+    >>> float(anisonoise.projection_coefficient(
+    ...     loss_fn, jnp.ones(2), batch, key=jax.random.key(0), num_iters=2))
+    1.0
+
+  References:
+    Zhu et al., ICML 2019, Eq. 16 and Fig. 5.
+  """
+  n = batching.check_loss_and_batch(loss_fn, params, batch,
+                                    "projection_coefficient")
+  eig_key, tr_key = jax.random.split(key)
+  d = _num_params(params)
+  top = curvature.top_eigenpairs(
+      curvature.hessian_operator(loss_fn, params, batch), params, 1,
+      key=eig_key, num_iters=min(num_iters, d))
+  u1 = jax.tree.map(lambda v: v[0], top.eigenvectors)
+  lam1 = top.eigenvalues[0]
+  _, jvp_lin = jax.linearize(lambda p: loss_fn(p, batch), params)
+  gu = jvp_lin(u1)
+  u_c_u = jnp.sum(jnp.square(gu - jnp.mean(gu))) / n
+  tr_c = covariance.covariance_trace(loss_fn, params, batch,
+                                     chunk_size=chunk_size)
+  tr_h = _trace_h(loss_fn, params, batch, hessian_trace_method, tr_key,
+                  num_probes)
+  return u_c_u * tr_h / (lam1 * tr_c)
+
+
+class GradientNoiseNorms(NamedTuple):
+  """``||grad L||`` and the expected SGD noise norm ``sqrt(Tr Sigma_sgd)``."""
+
+  gradient_norm: jax.Array
+  noise_norm: jax.Array
+
+
+def gradient_noise_norms(
+    loss_fn: LossFn,
+    params: Params,
+    batch: Batch,
+    *,
+    batch_size: int | None = None,
+    chunk_size: int | None = None,
+) -> GradientNoiseNorms:
+  """Mean-gradient norm against the expected noise norm (App. C.1, Fig. 7).
+
+  .. math::
+    \\|\\nabla L\\| \\quad\\text{vs}\\quad
+    \\sqrt{\\mathbb E\\|\\epsilon\\|^2} = \\sqrt{\\mathrm{Tr}\\,\\Sigma^{sgd}}
+
+  Args:
+    loss_fn: ``loss_fn(params, batch) -> (n,)`` per-example losses.
+    params: the point ``theta``.
+    batch: the estimation batch.
+    batch_size: the SGD minibatch size ``m`` (default ``n``).
+    chunk_size: examples per chunk for the exact ``Tr(C)``.
+
+  Returns:
+    A :class:`GradientNoiseNorms`.
+
+  Example:
+    >>> import jax.numpy as jnp, anisonoise
+    >>> loss_fn = lambda w, b: b['x'] @ w
+    >>> batch = {'x': jnp.array([[3., 0.], [1., 0.]])}
+    >>> r = anisonoise.gradient_noise_norms(loss_fn, jnp.zeros(2), batch)
+    >>> float(r.gradient_norm), float(r.noise_norm)
+    (2.0, 0.7071067690849304)
+  """
+  _check_batch_size(batch_size)
+  n = batching.check_loss_and_batch(loss_fn, params, batch,
+                                    "gradient_noise_norms")
+  m = n if batch_size is None else batch_size
+  g = jax.grad(lambda p: jnp.mean(loss_fn(p, batch)))(params)
+  gnorm = jnp.sqrt(_vdot_tree(g, g))
+  tr_c = covariance.covariance_trace(loss_fn, params, batch,
+                                     chunk_size=chunk_size)
+  return GradientNoiseNorms(gnorm, jnp.sqrt(tr_c / m))
+
+
+# --------------------------------------------------------------------------
+# Sharpness
+# --------------------------------------------------------------------------
+
+
+def expected_sharpness(
+    loss_fn: LossFn,
+    params: Params,
+    batch: Batch,
+    *,
+    key: jax.Array,
+    delta: float = 0.01,
+    num_samples: int = 1000,
+    chunk_size: int | None = 100,
+) -> MonteCarloEstimate:
+  """Expected sharpness ``E_nu[L(theta + nu)] - L(theta)`` (App. D.3, Eq. 88).
+
+  .. math::
+    \\frac{1}{M}\\sum_{j=1}^M L(\\theta + \\nu_j) - L(\\theta), \\quad
+    \\nu_j \\sim N(0, \\delta^2 I)
+
+  The ``M`` perturbed losses are ``vmap``-ed in chunks of ``chunk_size``
+  (memory ``chunk_size`` copies of the activations).
+
+  Args:
+    loss_fn: ``loss_fn(params, batch) -> (n,)`` per-example losses.
+    params: the point ``theta``.
+    batch: the batch on which ``L`` is the mean loss.
+    key: PRNG key.
+    delta: perturbation standard deviation (> 0; the paper uses 0.01).
+    num_samples: ``M`` (the paper uses 1,000).
+    chunk_size: perturbations evaluated at once (``None``: all).
+
+  Returns:
+    A :class:`MonteCarloEstimate` of the sharpness.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, anisonoise
+    >>> loss_fn = lambda w, b: 0.5 * (b['x'] @ w) ** 2
+    >>> batch = {'x': jnp.eye(3)}
+    >>> s = anisonoise.expected_sharpness(loss_fn, jnp.zeros(3), batch,
+    ...                                   key=jax.random.key(0), delta=0.1)
+    >>> bool(abs(s.mean - 0.1**2 / 2 * 1.0) < 4 * s.stderr)
+    True
+
+  References:
+    Neyshabur et al., Exploring generalization in deep learning, 2017, Eq. 7;
+    Zhu et al., ICML 2019, App. D.3.
+  """
+  if not isinstance(delta, jax.core.Tracer) and not float(delta) > 0:
+    raise ValueError(f"delta must be > 0, got {delta!r}.")
+  _check_num_samples(num_samples)
+  covariance._check_chunk_size(chunk_size)
+  batching.check_loss_and_batch(loss_fn, params, batch, "expected_sharpness")
+  flat, unravel = ravel_pytree(params)
+  base = jnp.mean(loss_fn(params, batch))
+
+  def perturbed(k):
+    nu = jax.random.normal(k, flat.shape, flat.dtype) * delta
+    return jnp.mean(loss_fn(unravel(flat + nu), batch)) - base
+
+  keys = jax.random.split(key, num_samples)
+  size = 0 if chunk_size is None or chunk_size >= num_samples else chunk_size
+  return _mean_and_sem(jax.lax.map(perturbed, keys, batch_size=size))
+
+
+# --------------------------------------------------------------------------
+# Spectrum
+# --------------------------------------------------------------------------
+
+
+class HessianSpectrum(NamedTuple):
+  """Top Hessian eigenvalues (descending) and their Lanczos residuals."""
+
+  eigenvalues: jax.Array
+  residual_norms: jax.Array
+
+
+def hessian_spectrum(
+    loss_fn: LossFn,
+    params: Params,
+    batch: Batch,
+    *,
+    num_eigs: int,
+    key: jax.Array,
+    num_iters: int | None = None,
+    unroll: bool | None = None,
+) -> HessianSpectrum:
+  """The top ``num_eigs`` eigenvalues of the Hessian (Fig. 5 left).
+
+  Lanczos with full reorthogonalisation on Hessian-vector products from one
+  linearisation; ``num_iters`` defaults to ``min(D, 2 num_eigs + 20)``.
+
+  Args:
+    loss_fn: ``loss_fn(params, batch) -> (n,)`` per-example losses.
+    params: the point ``theta``.
+    batch: the estimation batch.
+    num_eigs: how many eigenvalues (largest algebraic first).
+    key: PRNG key for the start vector.
+    num_iters: Krylov dimension.
+    unroll: see :func:`top_eigenpairs`.
+
+  Returns:
+    A :class:`HessianSpectrum`.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, anisonoise
+    >>> loss_fn = lambda w, b: 0.5 * (b['x'] @ w) ** 2
+    >>> batch = {'x': jnp.diag(jnp.array([1., 2., 3.]))}
+    >>> s = anisonoise.hessian_spectrum(loss_fn, jnp.zeros(3), batch,
+    ...                                 num_eigs=2, key=jax.random.key(0))
+    >>> [round(float(x), 4) for x in s.eigenvalues]
+    [3.0, 1.3333]
+  """
+  d = _num_params(params)
+  if num_iters is None:
+    num_iters = min(d, 2 * num_eigs + 20)
+  res = curvature.top_eigenpairs(
+      curvature.hessian_operator(loss_fn, params, batch), params, num_eigs,
+      key=key, num_iters=num_iters, unroll=unroll)
+  return HessianSpectrum(res.eigenvalues, res.residual_norms)
+
+
+class SpectralDensity(NamedTuple):
+  """A spectral density by stochastic Lanczos quadrature.
+
+  Attributes:
+    grid: ``(G,)`` eigenvalue grid.
+    density: ``(G,)`` Gaussian-smoothed density on the grid (integrates to 1).
+    nodes: ``(num_probes, num_iters)`` Ritz values of each probe.
+    weights: ``(num_probes, num_iters)`` their quadrature weights (each row
+      sums to 1).
+    sigma: the smoothing width.
+  """
+
+  grid: jax.Array
+  density: jax.Array
+  nodes: jax.Array
+  weights: jax.Array
+  sigma: jax.Array
+
+
+def spectral_density(
+    loss_fn: LossFn,
+    params: Params,
+    batch: Batch,
+    *,
+    key: jax.Array,
+    num_probes: int = 8,
+    num_iters: int = 60,
+    grid_size: int = 1000,
+    sigma: float | None = None,
+) -> SpectralDensity:
+  """The Hessian eigenvalue density by stochastic Lanczos quadrature.
+
+  .. math::
+    \\rho(x) \\approx \\frac{1}{P}\\sum_{p=1}^P \\sum_{j=1}^{m}
+    \\tau^{(p)}_j\\, \\mathcal N(x; \\theta^{(p)}_j, \\sigma^2)
+
+  For each Rademacher probe ``v`` (``||v||^2 = D``), ``m`` Lanczos steps from
+  ``v`` give Ritz values ``theta_j`` and weights ``tau_j`` (squared first
+  components of the tridiagonal's eigenvectors); ``sum_j tau_j theta_j^r =
+  v^T H^r v / D`` for ``r < 2m``, so the density's moments estimate
+  ``Tr(H^r)/D`` (the Gaussian smoothing adds ``sigma^2`` to the second).
+
+  Args:
+    loss_fn: ``loss_fn(params, batch) -> (n,)`` per-example losses.
+    params: the point ``theta``.
+    batch: the estimation batch.
+    key: PRNG key for the probes.
+    num_probes: number of probes ``P``.
+    num_iters: Lanczos steps per probe ``m`` (at most ``D``).
+    grid_size: number of grid points.
+    sigma: smoothing width (default: 1% of the spectral range).
+
+  Returns:
+    A :class:`SpectralDensity`.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, anisonoise
+    >>> loss_fn = lambda w, b: 0.5 * (b['x'] @ w) ** 2
+    >>> batch = {'x': jnp.diag(jnp.array([1., 2., 3.]))}
+    >>> s = anisonoise.spectral_density(loss_fn, jnp.zeros(3), batch,
+    ...                                 key=jax.random.key(0), num_iters=3)
+    >>> round(float(jnp.mean(jnp.sum(s.weights * s.nodes, axis=1))), 4)
+    1.5556
+
+  References:
+    Ghorbani, Krishnan and Xiao, An investigation into neural net
+    optimization via Hessian eigenvalue density, ICML 2019; Lin, Saad and
+    Yang, Approximating spectral densities of large matrices, 2016.
+  """
+  _check_num_samples(num_probes)
+  flat, unravel = ravel_pytree(params)
+  d = flat.size
+  if not 1 <= num_iters <= d:
+    raise ValueError(f"num_iters must be in [1, D={d}], got {num_iters}.")
+  h_op = curvature.hessian_operator(loss_fn, params, batch)
+  unroll = num_iters <= curvature._UNROLL_LIMIT
+
+  def probe(k):
+    v0 = jax.random.rademacher(k, (d,), flat.dtype)
+    _, alphas, betas = curvature._lanczos(h_op, unravel, v0, num_iters,
+                                          unroll)
+    theta, y = jnp.linalg.eigh(curvature.tridiagonal(alphas, betas))
+    return theta, jnp.square(y[0])
+
+  nodes, weights = jax.lax.map(probe, jax.random.split(key, num_probes))
+  lo, hi = jnp.min(nodes), jnp.max(nodes)
+  span = jnp.maximum(hi - lo, 1e-12 * jnp.maximum(1.0, jnp.abs(hi)))
+  width = 0.01 * span if sigma is None else jnp.asarray(sigma, flat.dtype)
+  grid = jnp.linspace(lo - 5 * width, hi + 5 * width, grid_size,
+                      dtype=flat.dtype)
+  z = (grid[:, None] - nodes.reshape(-1)[None, :]) / width
+  kern = jnp.exp(-0.5 * z**2) / (width * math.sqrt(2 * math.pi))
+  density = kern @ weights.reshape(-1) / num_probes
+  return SpectralDensity(grid, density, nodes, weights, width)
+
+
+# --------------------------------------------------------------------------
+# Ornstein-Uhlenbeck escape efficiency
+# --------------------------------------------------------------------------
+
+
+def _check_pair(h, sigma):
+  h = jnp.asarray(h)
+  sigma = jnp.asarray(sigma)
+  for name, a in (("H", h), ("Sigma", sigma)):
+    if a.ndim != 2 or a.shape[0] != a.shape[1]:
+      raise ValueError(f"{name} must be a square matrix, got shape {a.shape}.")
+  if h.shape != sigma.shape:
+    raise ValueError(
+        f"H and Sigma must have the same shape, got {h.shape} and"
+        f" {sigma.shape}.")
+  for name, a in (("H", h), ("Sigma", sigma)):
+    if not isinstance(a, jax.core.Tracer):
+      a_np = np.asarray(a)
+      scale = max(np.abs(a_np).max(), np.finfo(a_np.dtype).tiny)
+      if np.abs(a_np - a_np.T).max() > 1e-6 * scale:
+        raise ValueError(
+            f"{name} must be symmetric; symmetrise it, e.g. ({name} +"
+            f" {name}.T) / 2.")
+  return h, sigma
+
+
+class OUEscapeEfficiency(NamedTuple):
+  """Eq. 13: the closed form and its small-``t`` approximation."""
+
+  value: jax.Array
+  small_t: jax.Array
+
+
+def ou_escape_efficiency(
+    h: jax.Array, sigma: jax.Array, t: jax.Array | float
+) -> OUEscapeEfficiency:
+  """Escape efficiency of the Ornstein-Uhlenbeck process (paper Eq. 13).
+
+  For ``d theta = -H theta dt + Sigma^{1/2} dW``, ``theta_0 = 0`` and
+  ``L(theta) = theta^T H theta / 2``:
+
+  .. math::
+    \\mathbb E[L(\\theta_t) - L(\\theta_0)] = \\tfrac14
+    \\mathrm{Tr}\\big((I - e^{-2Ht})\\Sigma\\big) \\approx
+    \\tfrac t2 \\mathrm{Tr}(H\\Sigma)
+
+  Args:
+    h: symmetric ``(D, D)`` Hessian (positive semi-definite).
+    sigma: symmetric ``(D, D)`` diffusion covariance.
+    t: time, a scalar or an array of times.
+
+  Returns:
+    An :class:`OUEscapeEfficiency` with the closed form and the small-``t``
+    form, each shaped like ``t``.
+
+  Example:
+    >>> import jax.numpy as jnp, anisonoise
+    >>> r = anisonoise.ou_escape_efficiency(jnp.eye(2), jnp.eye(2), 1e-4)
+    >>> bool(jnp.isclose(r.value, r.small_t, rtol=1e-3))
+    True
+
+  References:
+    Zhu et al., ICML 2019, Eq. 13 and App. A.2.
+  """
+  h, sigma = _check_pair(h, sigma)
+  t = jnp.asarray(t, dtype=h.dtype)
+  lam, u = jnp.linalg.eigh(h)
+  s_diag = jnp.einsum("ij,jk,ki->i", u.T, sigma, u)  # diag of U^T Sigma U
+  decay = -jnp.expm1(-2.0 * lam * t[..., None])
+  value = 0.25 * jnp.sum(decay * s_diag, axis=-1)
+  small = 0.5 * t * jnp.sum(h * sigma)
+  return OUEscapeEfficiency(value, small)
