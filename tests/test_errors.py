@@ -24,11 +24,12 @@ def test_k_below_one(factory):
 
 
 @pytest.mark.parametrize("factory", LOW_RANK)
-def test_k_at_least_num_params(factory):
+def test_k_above_num_params(factory):
   _, params, _ = linear_problem(d=8)
-  with pytest.raises(ValueError, match=r"k=8 must be smaller than the number"
-                     r" of parameters D=8 \(use k <= 7"):
-    factory(8).init(params)
+  with pytest.raises(ValueError, match=r"k=9 eigenpairs asked of a model with"
+                     r" D=8 parameters; use k <= 8"):
+    factory(9).init(params)
+  factory(8).init(params)  # k = D: the full covariance (paper's 2D example)
 
 
 @pytest.mark.parametrize("factory", [

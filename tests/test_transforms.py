@@ -49,6 +49,9 @@ def _targets(loss_fn, params, batch):
       "eigvec": (anisonoise.hessian_eigvec_noise(batch_size=M),
                  t * np.outer(uh[:, 0], uh[:, 0])),
       "sgd": (anisonoise.sgd_noise(batch_size=M), c / M),
+      "sgd_trace": (anisonoise.sgd_noise(trace=0.5), 0.5 * c / np.trace(c)),
+      "leading_full": (anisonoise.leading_noise(d, trace=0.5),
+                       0.5 * c / np.trace(c)),
   }
 
 

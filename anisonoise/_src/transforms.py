@@ -173,11 +173,11 @@ def _num_params(params: Params) -> int:
 
 def _check_k(k: int, params: Params, who: str) -> None:
   d = _num_params(params)
-  if k >= d:
+  if k > d:
     raise ValueError(
-        f"{who}: k={k} must be smaller than the number of parameters D={d}"
-        f" (use k <= {d - 1}; for a full-rank covariance use"
-        " diagonal_noise or sgd_noise)."
+        f"{who}: k={k} eigenpairs asked of a model with D={d} parameters;"
+        f" use k <= {d} (k = D is the full covariance, as in the paper's 2D"
+        " example)."
     )
 
 
@@ -668,7 +668,7 @@ def leading_noise(
   with ``(gamma_j, v_j)`` the leading eigenpairs of ``C`` (Table 1), found by
   Lanczos on the matrix-free product ``C v`` (one ``jvp`` + one ``vjp``).
   """ + _LOW_RANK_ARGS_DOC.format(
-      k="k: number of leading eigenpairs, 1 <= k < D.\n    "
+      k="k: number of leading eigenpairs, 1 <= k <= D.\n    "
   ) + """
   Example:
     >>> import jax, jax.numpy as jnp, optax, anisonoise
@@ -718,7 +718,7 @@ def hessian_noise(
   ``lambda_j <= 0`` the noise is zero. Lanczos on Hessian-vector products
   from one linearisation of the gradient.
   """ + _LOW_RANK_ARGS_DOC.format(
-      k="k: number of Hessian eigenpairs, 1 <= k < D.\n    "
+      k="k: number of Hessian eigenpairs, 1 <= k <= D.\n    "
   ) + """
   Example:
     >>> import jax, jax.numpy as jnp, optax, anisonoise
@@ -794,7 +794,11 @@ def hessian_eigvec_noise(
 
 
 def sgd_noise(
-    *, batch_size: int | None = None, key: KeyLike = 0
+    *,
+    batch_size: int | None = None,
+    trace: chex.Numeric | None = None,
+    key: KeyLike = 0,
+    chunk_size: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """GD + exact SGD noise: ``eps ~ N(0, C/m)`` drawn without forming ``C``.
 
@@ -804,11 +808,16 @@ def sgd_noise(
     \\Sigma^{sgd}_t = C_t / m
 
   (paper Eqs. 5-6): the Gaussian limit of the minibatch noise, at one extra
-  backward pass per step.
+  backward pass per step. With ``trace=T`` the same structure is rescaled to
+  ``Cov = T C / Tr(C)`` (the full-covariance member of Table 1 at a fixed
+  magnitude, as in the paper's 2D example); ``Tr(C)`` is then computed
+  exactly every step from per-example gradients.
 
   Args:
     batch_size: the minibatch size ``m`` (default ``n``).
+    trace: a fixed target trace instead of ``batch_size``.
     key: int seed or PRNG key.
+    chunk_size: examples per chunk for ``Tr(C)`` (only with ``trace``).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; ``update`` needs extra
@@ -829,7 +838,8 @@ def sgd_noise(
   References:
     Zhu et al., ICML 2019, Eqs. 5-7.
   """
-  _check_magnitude(batch_size, None)
+  _check_magnitude(batch_size, trace)
+  covariance._check_chunk_size(chunk_size)
   key0 = _canonical_key(key)
 
   def init_fn(params):
@@ -842,9 +852,17 @@ def sgd_noise(
     batching.check_params(params, "sgd_noise")
     batching.check_loss_and_batch(loss_fn, params, batch, "sgd_noise")
     new_key, noise_key = jax.random.split(state.rng_key)
-    eps = covariance.sample_sgd_noise(
-        loss_fn, params, batch, noise_key, batch_size=batch_size
-    )
+    if trace is None:
+      eps = covariance.sample_sgd_noise(
+          loss_fn, params, batch, noise_key, batch_size=batch_size
+      )
+    else:
+      eps = covariance.sample_sgd_noise(loss_fn, params, batch, noise_key,
+                                        batch_size=1)  # N(0, C)
+      tr_c = covariance.covariance_trace(loss_fn, params, batch,
+                                         chunk_size=chunk_size)
+      scale = jnp.where(tr_c > 0, trace / jnp.where(tr_c > 0, tr_c, 1), 0)
+      eps = jax.tree.map(lambda e: jnp.sqrt(scale).astype(e.dtype) * e, eps)
     return _add(updates, eps), SgdNoiseState(
         optax.safe_increment(state.count), new_key
     )
