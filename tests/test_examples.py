@@ -51,3 +51,22 @@ def test_fig2_deterministic_for_a_seed(tmp_path):
   a = fig2_toy.run(str(tmp_path / "a"), seed=3, num_runs=6, plot=False)
   b = fig2_toy.run(str(tmp_path / "b"), seed=3, num_runs=6, plot=False)
   assert a == b
+
+
+def test_fig4_small_run(tmp_path, monkeypatch):
+  import fig4_one_hidden_layer as fig4
+  monkeypatch.setattr(fig4, "EPOCHS", 3)
+  monkeypatch.setattr(fig4, "DECAY_FROM_EPOCH", 2)
+  summary = fig4.run(str(tmp_path), seed=0, widths=(8, 16))
+  with open(tmp_path / "fig4.json") as f:
+    on_disk = json.load(f)
+  assert on_disk == json.loads(json.dumps(summary))
+  for w, r in on_disk["widths"].items():
+    assert r["num_params"] == 3 * int(w)
+    assert len(r["tr_h_sigma"]) == len(r["tr_h_sigma_bar"]) == 3
+    assert all(x >= 0 for x in r["tr_h_sigma"] + r["tr_h_sigma_bar"])
+    assert all(np.isfinite(r["ratio"]))
+    assert all(0.0 <= a <= 1.0 for a in r["accuracy"])
+  import matplotlib.image
+  img = matplotlib.image.imread(tmp_path / "fig4.png")
+  assert img.ndim == 3 and img.std() > 0.01
