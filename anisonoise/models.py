@@ -20,7 +20,6 @@ outputs (and gradients) to float tolerance.
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 LENET_NUM_PARAMS = 11_330

@@ -5,6 +5,24 @@ from __future__ import annotations
 import numpy as np
 
 
+def _axes(ax):
+  import matplotlib.pyplot as plt
+
+  if ax is None:
+    _, ax = plt.subplots(figsize=(5, 3.5))
+  return ax
+
+
+def _finish(ax, xlabel, ylabel, label, logy):
+  if logy:
+    ax.set_yscale("log")
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  if label:
+    ax.legend()
+  return ax
+
+
 def plot_hessian_spectrum(eigenvalues, ax=None, *, label=None, logy=True):
   """Plots eigenvalues against their index (the layout of Fig. 5 left).
 
@@ -18,19 +36,10 @@ def plot_hessian_spectrum(eigenvalues, ax=None, *, label=None, logy=True):
   Returns:
     The ``Axes``.
   """
-  import matplotlib.pyplot as plt
-
-  if ax is None:
-    _, ax = plt.subplots(figsize=(5, 3.5))
+  ax = _axes(ax)
   vals = np.asarray(eigenvalues)
   ax.plot(np.arange(1, vals.size + 1), vals, ".-", ms=3, label=label)
-  if logy:
-    ax.set_yscale("log")
-  ax.set_xlabel("index")
-  ax.set_ylabel("Hessian eigenvalue")
-  if label:
-    ax.legend()
-  return ax
+  return _finish(ax, "index", "Hessian eigenvalue", label, logy)
 
 
 def plot_spectral_density(density, ax=None, *, label=None, logy=True):
@@ -45,17 +54,8 @@ def plot_spectral_density(density, ax=None, *, label=None, logy=True):
   Returns:
     The ``Axes``.
   """
-  import matplotlib.pyplot as plt
-
-  if ax is None:
-    _, ax = plt.subplots(figsize=(5, 3.5))
+  ax = _axes(ax)
   grid = np.asarray(density.grid)
   dens = np.asarray(density.density)
   ax.plot(grid, np.maximum(dens, 1e-12) if logy else dens, label=label)
-  if logy:
-    ax.set_yscale("log")
-  ax.set_xlabel("eigenvalue")
-  ax.set_ylabel("density")
-  if label:
-    ax.legend()
-  return ax
+  return _finish(ax, "eigenvalue", "density", label, logy)

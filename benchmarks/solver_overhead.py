@@ -19,7 +19,6 @@ import argparse
 import json
 
 import jax
-import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 from matfree import decomp, eig
 

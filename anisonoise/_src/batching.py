@@ -9,6 +9,7 @@ and fail at trace time with a message that says how to fix the call.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import jax
@@ -122,3 +123,19 @@ def single_example_loss(loss_fn: LossFn) -> Callable[[Params, Batch], jax.Array]
     return loss_fn(params, batch)[0]
 
   return loss_one
+
+
+def mean_loss(loss_fn: LossFn, batch: Batch) -> Callable[[Params], jax.Array]:
+  """``params -> L(params)``, the mean of the per-example losses."""
+  return lambda params: jnp.mean(loss_fn(params, batch))
+
+
+def num_params(params: Params) -> int:
+  """``D``, the total number of entries of the parameter pytree."""
+  return sum(math.prod(jnp.shape(x)) for x in jax.tree.leaves(params))
+
+
+def check_positive_int(name: str, value: Any) -> None:
+  """Raises ``ValueError`` unless ``value`` is an int >= 1 (bools refused)."""
+  if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    raise ValueError(f"{name} must be an int >= 1, got {value!r}.")

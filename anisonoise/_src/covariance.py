@@ -27,6 +27,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import optax
 from jax.flatten_util import ravel_pytree
 
 from anisonoise._src import batching
@@ -110,6 +111,23 @@ def _chunked_sum(fn: Callable, batch: Batch, n: int, chunk_size: int | None):
   return total
 
 
+def centred_grad_fn(
+    loss_fn: LossFn, params: Params, batch: Batch
+) -> Callable[[Batch], Params]:
+  """``example -> g_i - gbar``: one example's gradient minus the batch mean.
+
+  The mean gradient is computed once, here; subtracting it inside the chunk
+  loops avoids the cancellation of ``E[g^2] - gbar^2`` in float32.
+  """
+  gbar = jax.grad(batching.mean_loss(loss_fn, batch))(params)
+  grad_one = jax.grad(batching.single_example_loss(loss_fn))
+
+  def centred(example):
+    return jax.tree.map(jnp.subtract, grad_one(params, example), gbar)
+
+  return centred
+
+
 def covariance_diagonal(
     loss_fn: LossFn,
     params: Params,
@@ -122,8 +140,8 @@ def covariance_diagonal(
   .. math::
     \\mathrm{diag}(C) = \\frac{1}{n} \\sum_i (g_i - \\bar g)^{\\odot 2}
 
-  The mean gradient is computed first and subtracted inside the chunk loop,
-  which avoids the cancellation of ``E[g^2] - gbar^2`` in float32.
+  The mean gradient is subtracted inside the chunk loop
+  (:func:`centred_grad_fn`).
 
   Args:
     loss_fn: ``loss_fn(params, batch) -> (n,)`` per-example losses.
@@ -146,12 +164,10 @@ def covariance_diagonal(
   n = batching.check_loss_and_batch(
       loss_fn, params, batch, "covariance_diagonal"
   )
-  gbar = jax.grad(lambda p: jnp.mean(loss_fn(p, batch)))(params)
-  grad_one = jax.grad(batching.single_example_loss(loss_fn))
+  centred = centred_grad_fn(loss_fn, params, batch)
 
   def centred_square(example):
-    g = grad_one(params, example)
-    return jax.tree.map(lambda a, b: jnp.square(a - b), g, gbar)
+    return jax.tree.map(jnp.square, centred(example))
 
   total = _chunked_sum(centred_square, batch, n, chunk_size)
   return jax.tree.map(lambda x: x / n, total)
@@ -201,15 +217,14 @@ def covariance_trace(
   """
   if method == "exact":
     diag = covariance_diagonal(loss_fn, params, batch, chunk_size=chunk_size)
-    return sum(jnp.sum(x) for x in jax.tree.leaves(diag))
+    return optax.tree_utils.tree_sum(diag)
   if method != "hutchinson":
     raise ValueError(
         f"method must be 'exact' or 'hutchinson', got {method!r}."
     )
   if key is None:
     raise ValueError("covariance_trace(method='hutchinson') needs a PRNG key.")
-  if not isinstance(num_probes, int) or num_probes < 1:
-    raise ValueError(f"num_probes must be a positive int, got {num_probes!r}.")
+  batching.check_positive_int("num_probes", num_probes)
   n = batching.check_loss_and_batch(loss_fn, params, batch, "covariance_trace")
   flat, unravel = ravel_pytree(params)
   _, jvp_lin = jax.linearize(lambda p: loss_fn(p, batch), params)
@@ -253,7 +268,7 @@ def covariance_operator(
   n = batching.check_loss_and_batch(
       loss_fn, params, batch, "covariance_operator"
   )
-  losses, jvp_lin = jax.linearize(lambda p: loss_fn(p, batch), params)
+  _, jvp_lin = jax.linearize(lambda p: loss_fn(p, batch), params)
   vjp_lin = jax.linear_transpose(jvp_lin, params)
 
   def matvec(v):
@@ -261,7 +276,6 @@ def covariance_operator(
     (out,) = vjp_lin((u - jnp.mean(u)) / n)
     return out
 
-  del losses
   return matvec
 
 

@@ -40,10 +40,6 @@ Matvec = Callable[[Params], Params]
 _UNROLL_LIMIT = 64
 
 
-def _mean_loss(loss_fn: LossFn, batch: Batch) -> Callable[[Params], jax.Array]:
-  return lambda p: jnp.mean(loss_fn(p, batch))
-
-
 def hvp(loss_fn: LossFn, params: Params, batch: Batch, v: Params) -> Params:
   """One Hessian-vector product ``H v`` of the mean loss (forward-over-reverse).
 
@@ -64,7 +60,7 @@ def hvp(loss_fn: LossFn, params: Params, batch: Batch, v: Params) -> Params:
     [0.5, 2.0]
   """
   batching.check_loss_and_batch(loss_fn, params, batch, "hvp")
-  grad_fn = jax.grad(_mean_loss(loss_fn, batch))
+  grad_fn = jax.grad(batching.mean_loss(loss_fn, batch))
   return jax.jvp(grad_fn, (params,), (v,))[1]
 
 
@@ -88,7 +84,7 @@ def hessian_operator(loss_fn: LossFn, params: Params, batch: Batch) -> Matvec:
     [0.5, 0.0]
   """
   batching.check_loss_and_batch(loss_fn, params, batch, "hessian_operator")
-  _, lin = jax.linearize(jax.grad(_mean_loss(loss_fn, batch)), params)
+  _, lin = jax.linearize(jax.grad(batching.mean_loss(loss_fn, batch)), params)
   return lin
 
 

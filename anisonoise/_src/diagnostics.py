@@ -16,6 +16,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from jax.flatten_util import ravel_pytree
 
 from anisonoise._src import batching
@@ -38,30 +39,18 @@ def _mean_and_sem(samples: jax.Array) -> MonteCarloEstimate:
 
 
 def _check_num_samples(num_samples) -> None:
-  if isinstance(num_samples, bool) or not isinstance(num_samples, int) or (
-      num_samples < 1):
-    raise ValueError(f"num_samples must be an int >= 1, got {num_samples!r}.")
+  batching.check_positive_int("num_samples", num_samples)
 
 
 def _check_batch_size(batch_size) -> None:
-  if batch_size is not None and (
-      isinstance(batch_size, bool) or not isinstance(batch_size, int)
-      or batch_size < 1):
-    raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}.")
+  if batch_size is not None:
+    batching.check_positive_int("batch_size", batch_size)
 
 
 def _require_key(key, who):
   if key is None:
     raise ValueError(f"{who} needs a PRNG key (key=jax.random.key(0)).")
 
-
-def _vdot_tree(a: Params, b: Params) -> jax.Array:
-  return sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a),
-                                            jax.tree.leaves(b)))
-
-
-def _num_params(params: Params) -> int:
-  return sum(math.prod(jnp.shape(x)) for x in jax.tree.leaves(params))
 
 
 # --------------------------------------------------------------------------
@@ -122,12 +111,11 @@ def escape_indicator(
   h_op = curvature.hessian_operator(loss_fn, params, batch)
   if method == "exact":
     covariance._check_chunk_size(chunk_size)
-    gbar = jax.grad(lambda p: jnp.mean(loss_fn(p, batch)))(params)
-    grad_one = jax.grad(batching.single_example_loss(loss_fn))
+    centred = covariance.centred_grad_fn(loss_fn, params, batch)
 
     def quad(example):
-      g = jax.tree.map(jnp.subtract, grad_one(params, example), gbar)
-      return _vdot_tree(g, h_op(g))
+      g = centred(example)
+      return optax.tree_utils.tree_vdot(g, h_op(g))
 
     total = covariance._chunked_sum(quad, batch, n, chunk_size)
     return total / (m * n)
@@ -140,7 +128,7 @@ def escape_indicator(
   def one(k):
     eps = covariance.sample_sgd_noise(loss_fn, params, batch, k,
                                       batch_size=m)
-    return _vdot_tree(eps, h_op(eps))
+    return optax.tree_utils.tree_vdot(eps, h_op(eps))
 
   samples = jax.lax.map(one, jax.random.split(key, num_samples))
   return _mean_and_sem(samples)
@@ -258,7 +246,7 @@ def isotropic_escape_indicator(
                                          chunk_size=chunk_size) / m
   tr_h = _trace_h(loss_fn, params, batch, hessian_trace_method, key,
                   num_probes)
-  return tr_sigma * tr_h / _num_params(params)
+  return tr_sigma * tr_h / batching.num_params(params)
 
 
 def escape_ratio(h: jax.Array, sigma: jax.Array) -> jax.Array:
@@ -343,7 +331,7 @@ def projection_coefficient(
   n = batching.check_loss_and_batch(loss_fn, params, batch,
                                     "projection_coefficient")
   eig_key, tr_key = jax.random.split(key)
-  d = _num_params(params)
+  d = batching.num_params(params)
   top = curvature.top_eigenpairs(
       curvature.hessian_operator(loss_fn, params, batch), params, 1,
       key=eig_key, num_iters=min(num_iters, d))
@@ -402,8 +390,8 @@ def gradient_noise_norms(
   n = batching.check_loss_and_batch(loss_fn, params, batch,
                                     "gradient_noise_norms")
   m = n if batch_size is None else batch_size
-  g = jax.grad(lambda p: jnp.mean(loss_fn(p, batch)))(params)
-  gnorm = jnp.sqrt(_vdot_tree(g, g))
+  g = jax.grad(batching.mean_loss(loss_fn, batch))(params)
+  gnorm = jnp.sqrt(optax.tree_utils.tree_vdot(g, g))
   tr_c = covariance.covariance_trace(loss_fn, params, batch,
                                      chunk_size=chunk_size)
   return GradientNoiseNorms(gnorm, jnp.sqrt(tr_c / m))
@@ -523,7 +511,7 @@ def hessian_spectrum(
     >>> [round(float(x), 4) for x in s.eigenvalues]
     [3.0, 1.3333]
   """
-  d = _num_params(params)
+  d = batching.num_params(params)
   if num_iters is None:
     num_iters = min(d, 2 * num_eigs + 20)
   res = curvature.top_eigenpairs(

@@ -29,7 +29,6 @@ transform never hides a broken gradient.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, NamedTuple
 
 import chex
@@ -140,11 +139,6 @@ def _canonical_key(key: KeyLike) -> jax.Array:
   )
 
 
-def _check_positive_int(name: str, value: Any) -> None:
-  if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-    raise ValueError(f"{name} must be an int >= 1, got {value!r}.")
-
-
 def _check_magnitude(batch_size: int | None, trace: Any) -> None:
   if batch_size is not None and trace is not None:
     raise ValueError(
@@ -167,12 +161,8 @@ def _check_magnitude(batch_size: int | None, trace: Any) -> None:
       )
 
 
-def _num_params(params: Params) -> int:
-  return sum(math.prod(jnp.shape(x)) for x in jax.tree.leaves(params))
-
-
 def _check_k(k: int, params: Params, who: str) -> None:
-  d = _num_params(params)
+  d = batching.num_params(params)
   if k > d:
     raise ValueError(
         f"{who}: k={k} eigenpairs asked of a model with D={d} parameters;"
@@ -188,6 +178,13 @@ def _check_k(k: int, params: Params, who: str) -> None:
 
 def _add(updates: optax.Updates, eps: Params) -> optax.Updates:
   return jax.tree.map(lambda u, e: u + e.astype(u.dtype), updates, eps)
+
+
+def _scale_to(target: jax.Array, total: jax.Array) -> jax.Array:
+  """``target / total``, and 0 where ``total`` is not positive (no noise
+  rather than a division by zero when the factor is empty)."""
+  ok = total > 0
+  return jnp.where(ok, target / jnp.where(ok, total, 1), 0)
 
 
 def _all_finite(tree: Any) -> jax.Array:
@@ -221,7 +218,7 @@ def _check_trace_estimator(trace_estimator: str, num_probes: int) -> None:
         "trace_estimator must be 'exact' (per-example gradients) or"
         f" 'hutchinson' (forward-mode probes), got {trace_estimator!r}."
     )
-  _check_positive_int("num_probes", num_probes)
+  batching.check_positive_int("num_probes", num_probes)
 
 
 def _refreshing_transform(
@@ -413,7 +410,7 @@ def dynamic_isotropic_noise(
     Zhu et al., ICML 2019, Table 1 and Eq. 14.
   """
   _check_magnitude(batch_size, trace)
-  _check_positive_int("refresh_every", refresh_every)
+  batching.check_positive_int("refresh_every", refresh_every)
   _check_trace_estimator(trace_estimator, num_probes)
   opts = dict(trace_estimator=trace_estimator, num_probes=num_probes,
               chunk_size=chunk_size)
@@ -432,7 +429,7 @@ def dynamic_isotropic_noise(
     return _TraceFactor(_target_trace(tr_c, n, batch_size, None).astype(dtype))
 
   def draw(factor, key, params):
-    std = jnp.sqrt(factor.trace / _num_params(params))
+    std = jnp.sqrt(factor.trace / batching.num_params(params))
     return jax.tree.map(lambda z: std * z, _normal_like(key, params))
 
   return _refreshing_transform(
@@ -496,7 +493,7 @@ def diagonal_noise(
     Zhu et al., ICML 2019, Table 1.
   """
   _check_magnitude(batch_size, trace)
-  _check_positive_int("refresh_every", refresh_every)
+  batching.check_positive_int("refresh_every", refresh_every)
   covariance._check_chunk_size(chunk_size)
 
   def init_factor(params):
@@ -510,13 +507,12 @@ def diagonal_noise(
     diag = covariance.covariance_diagonal(
         loss_fn, params, batch, chunk_size=chunk_size
     )
-    tr_c = sum(jnp.sum(x) for x in jax.tree.leaves(diag))
+    tr_c = optax.tree_utils.tree_sum(diag)
     target = _target_trace(tr_c, n, batch_size, trace)
     return _DiagFactor(target.astype(jnp.result_type(tr_c)), diag)
 
   def draw(factor, key, params):
-    tr_c = sum(jnp.sum(x) for x in jax.tree.leaves(factor.diagonal))
-    scale = jnp.where(tr_c > 0, factor.trace / jnp.where(tr_c > 0, tr_c, 1), 0)
+    scale = _scale_to(factor.trace, optax.tree_utils.tree_sum(factor.diagonal))
     return jax.tree.map(
         lambda d, z: jnp.sqrt(scale * d) * z,
         factor.diagonal,
@@ -550,12 +546,12 @@ def _low_rank_transform(
     batch_size, trace, refresh_every, key, opts, num_iters,
 ) -> optax.GradientTransformationExtraArgs:
   """Noise ``trace * sum_j w_j v_j v_j^T / sum_j w_j`` from top-k eigenpairs."""
-  _check_positive_int("k", k)
+  batching.check_positive_int("k", k)
   _check_magnitude(batch_size, trace)
-  _check_positive_int("refresh_every", refresh_every)
+  batching.check_positive_int("refresh_every", refresh_every)
   _check_trace_estimator(opts["trace_estimator"], opts["num_probes"])
   if num_iters is not None:
-    _check_positive_int("num_iters", num_iters)
+    batching.check_positive_int("num_iters", num_iters)
     if num_iters < k:
       raise ValueError(f"num_iters={num_iters} must be >= k={k}.")
 
@@ -572,7 +568,7 @@ def _low_rank_transform(
   def estimate(params, loss_fn, batch, key):
     _check_k(k, params, who)
     eig_key, trace_key = jax.random.split(key)
-    d = _num_params(params)
+    d = batching.num_params(params)
     iters = None if num_iters is None else min(num_iters, d)
     res = curvature.top_eigenpairs(
         operator(loss_fn, params, batch), params, k, key=eig_key,
@@ -592,9 +588,7 @@ def _low_rank_transform(
   def draw(factor, key, params):
     del params
     w = weights(factor.eigenvalues)
-    total = jnp.sum(w)
-    scale = jnp.where(total > 0, factor.trace / jnp.where(total > 0, total, 1),
-                      0)
+    scale = _scale_to(factor.trace, jnp.sum(w))
     z = jax.random.normal(key, (k,), factor.eigenvalues.dtype)
     coef = jnp.sqrt(scale * w) * z
     return jax.tree.map(
@@ -861,7 +855,7 @@ def sgd_noise(
                                         batch_size=1)  # N(0, C)
       tr_c = covariance.covariance_trace(loss_fn, params, batch,
                                          chunk_size=chunk_size)
-      scale = jnp.where(tr_c > 0, trace / jnp.where(tr_c > 0, tr_c, 1), 0)
+      scale = _scale_to(jnp.asarray(trace, tr_c.dtype), tr_c)
       eps = jax.tree.map(lambda e: jnp.sqrt(scale).astype(e.dtype) * e, eps)
     return _add(updates, eps), SgdNoiseState(
         optax.safe_increment(state.count), new_key
