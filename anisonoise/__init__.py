@@ -5,12 +5,14 @@ optimizer; the engine beneath them (per-example gradients, covariance and
 Hessian products, Lanczos) never forms a ``D x D`` matrix.
 """
 
+from anisonoise._src.batching import map_chunks
 from anisonoise._src.batching import num_examples
 from anisonoise._src.covariance import covariance_diagonal
 from anisonoise._src.covariance import covariance_operator
 from anisonoise._src.covariance import covariance_trace
 from anisonoise._src.covariance import per_example_grads
 from anisonoise._src.covariance import sample_sgd_noise
+from anisonoise._src.covariance import sgd_noise_sampler
 from anisonoise._src.curvature import EigenResult
 from anisonoise._src.curvature import hessian_operator
 from anisonoise._src.curvature import hvp
@@ -81,12 +83,14 @@ __all__ = (
     "isotropic_escape_indicator",
     "isotropic_noise",
     "leading_noise",
+    "map_chunks",
     "num_examples",
     "ou_escape_efficiency",
     "per_example_grads",
     "projection_coefficient",
     "sample_sgd_noise",
     "sgd_noise",
+    "sgd_noise_sampler",
     "spectral_density",
     "top_eigenpairs",
 )

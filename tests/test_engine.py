@@ -158,3 +158,30 @@ def test_chunk_size_validated():
   loss_fn, params, batch = linear_problem()
   with pytest.raises(ValueError, match="chunk_size"):
     anisonoise.per_example_grads(loss_fn, params, batch, chunk_size=0)
+
+
+@pytest.mark.parametrize("unroll", [None, True, False])
+@pytest.mark.parametrize("chunk_size", [None, 1, 4, 7, 100])
+def test_map_chunks_matches_direct_map(unroll, chunk_size):
+  xs = {"a": jnp.arange(30.0).reshape(10, 3), "b": jnp.arange(10.0)}
+
+  def fn(x):
+    return {"s": jnp.sum(x["a"]) * x["b"], "v": x["a"] ** 2}
+
+  direct = jax.vmap(fn)(xs)
+  got = anisonoise.map_chunks(fn, xs, chunk_size, unroll=unroll)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(direct)):
+    np.testing.assert_allclose(a, b)
+  total = anisonoise.map_chunks(fn, xs, chunk_size, unroll=unroll,
+                                reduce_sum=True)
+  for a, b in zip(jax.tree.leaves(total), jax.tree.leaves(direct)):
+    np.testing.assert_allclose(a, jnp.sum(b, axis=0))
+
+
+def test_sgd_noise_sampler_matches_sample_sgd_noise():
+  loss_fn, params, batch = linear_problem()
+  key = jax.random.key(5)
+  draw = anisonoise.sgd_noise_sampler(loss_fn, params, batch, batch_size=3)
+  np.testing.assert_allclose(
+      draw(key), anisonoise.sample_sgd_noise(loss_fn, params, batch, key,
+                                             batch_size=3), rtol=1e-12)

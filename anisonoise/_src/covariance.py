@@ -35,6 +35,9 @@ from anisonoise._src.batching import Batch, LossFn, Params
 
 Matvec = Callable[[Params], Params]
 
+# Random probes or samples vectorised at once by the stochastic estimators.
+PROBE_CHUNK = 8
+
 
 def _check_chunk_size(chunk_size: int | None) -> None:
   if chunk_size is not None and (
@@ -57,8 +60,8 @@ def per_example_grads(
 
   Each example's loss is differentiated on its own (``vmap`` of ``grad`` over
   single-example batches). ``chunk_size`` examples are processed at once
-  (``jax.lax.map`` with ``batch_size``), which bounds the activation memory;
-  the result itself is ``n x D``.
+  (:func:`anisonoise.map_chunks`), which bounds the activation memory; the
+  result itself is ``n x D``.
 
   Args:
     loss_fn: ``loss_fn(params, batch) -> (n,)`` per-example losses.
@@ -78,37 +81,10 @@ def per_example_grads(
   """
   _check_chunk_size(chunk_size)
   n = batching.check_loss_and_batch(loss_fn, params, batch, "per_example_grads")
+  del n
   grad_one = jax.grad(batching.single_example_loss(loss_fn))
-  size = 0 if chunk_size is None or chunk_size >= n else chunk_size
-  return jax.lax.map(lambda ex: grad_one(params, ex), batch, batch_size=size)
-
-
-def _chunked_sum(fn: Callable, batch: Batch, n: int, chunk_size: int | None):
-  """``sum_i fn(example_i)``, vectorised over chunks, accumulated over them."""
-  chunk = n if chunk_size is None else min(chunk_size, n)
-  num_full, rem = divmod(n, chunk)
-
-  def chunk_sum(b):
-    return jax.tree.map(lambda x: jnp.sum(x, axis=0), jax.vmap(fn)(b))
-
-  head = jax.tree.map(
-      lambda x: x[: num_full * chunk].reshape(num_full, chunk, *x.shape[1:]),
-      batch,
-  )
-  if num_full == 1:
-    total = chunk_sum(jax.tree.map(lambda x: x[0], head))
-  else:
-    first = chunk_sum(jax.tree.map(lambda x: x[0], head))
-    rest = jax.tree.map(lambda x: x[1:], head)
-    total, _ = jax.lax.scan(
-        lambda acc, b: (jax.tree.map(jnp.add, acc, chunk_sum(b)), None),
-        first,
-        rest,
-    )
-  if rem:
-    tail = jax.tree.map(lambda x: x[num_full * chunk :], batch)
-    total = jax.tree.map(jnp.add, total, chunk_sum(tail))
-  return total
+  return batching.map_chunks(lambda ex: grad_one(params, ex), batch,
+                             chunk_size)
 
 
 def centred_grad_fn(
@@ -169,7 +145,8 @@ def covariance_diagonal(
   def centred_square(example):
     return jax.tree.map(jnp.square, centred(example))
 
-  total = _chunked_sum(centred_square, batch, n, chunk_size)
+  total = batching.map_chunks(centred_square, batch, chunk_size,
+                              reduce_sum=True)
   return jax.tree.map(lambda x: x / n, total)
 
 
@@ -234,7 +211,7 @@ def covariance_trace(
     return jnp.sum(jnp.square(u - jnp.mean(u))) / n
 
   keys = jax.random.split(key, num_probes)
-  return jnp.mean(jax.lax.map(quad, keys))
+  return jnp.mean(batching.map_chunks(quad, keys, PROBE_CHUNK))
 
 
 def covariance_operator(
@@ -277,6 +254,50 @@ def covariance_operator(
     return out
 
   return matvec
+
+
+def sgd_noise_sampler(
+    loss_fn: LossFn,
+    params: Params,
+    batch: Batch,
+    *,
+    batch_size: int | None = None,
+) -> Callable[[jax.Array], Params]:
+  """``key -> eps ~ N(0, C/m)``, linearised once for many draws.
+
+  The same draw as :func:`sample_sgd_noise`, but the per-example loss vector
+  is linearised once and every draw is one transposed linear pass; use it
+  for Monte Carlo loops (it ``vmap``-s over keys).
+
+  Args:
+    loss_fn: ``loss_fn(params, batch) -> (n,)`` per-example losses.
+    params: parameters pytree.
+    batch: the estimation batch.
+    batch_size: the minibatch size ``m`` (default ``n``).
+
+  Returns:
+    A function of a PRNG key returning a pytree like ``params``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, anisonoise
+    >>> loss_fn = lambda w, b: b['x'] @ w
+    >>> batch = {'x': jnp.array([[1., 0.], [-1., 0.]])}
+    >>> draw = anisonoise.sgd_noise_sampler(loss_fn, jnp.zeros(2), batch)
+    >>> jax.vmap(draw)(jax.random.split(jax.random.key(0), 3)).shape
+    (3, 2)
+  """
+  n = batching.check_loss_and_batch(loss_fn, params, batch,
+                                    "sgd_noise_sampler")
+  m = n if batch_size is None else batch_size
+  losses, jvp_lin = jax.linearize(lambda p: loss_fn(p, batch), params)
+  vjp_lin = jax.linear_transpose(jvp_lin, params)
+
+  def draw(key):
+    z = jax.random.normal(key, (n,), dtype=losses.dtype)
+    (eps,) = vjp_lin((z - jnp.mean(z)) / math.sqrt(m * n))
+    return eps
+
+  return draw
 
 
 def sample_sgd_noise(
