@@ -143,13 +143,18 @@ def check_positive_int(name: str, value: Any) -> None:
 
 
 # Chunks processed by Python-unrolled vmaps before falling back to an XLA
-# loop. Measured on the 2-core CPU (jax 0.10.2, LeNet, 1,200 images): 16
-# Hessian-vector products took 2.3 s unrolled and 2.6 s as one vmap, but
-# 36 s under ``lax.map(batch_size=4)`` and 19 s under ``lax.scan(unroll=4)``:
-# on a CPU every product inside an XLA loop body is several times slower.
-# Forward passes alone lose nothing in a loop (200 perturbed LeNet losses:
-# 17.4 s looped, 19.1 s unrolled) and unrolling holds more memory (1.8 GB
-# against 7.5 GB there), so callers with forward-only work pass unroll=False.
+# loop. Measured on the 2-core CPU (jax 0.10.2, 16 Hessian-vector products
+# of LeNet on 1,200 images): with ``lax.conv`` layers they took 2.3 s
+# unrolled and 2.6 s as one vmap, but 36 s under ``lax.map(batch_size=4)``
+# and 19 s under ``lax.scan(unroll=4)``: XLA:CPU runs convolutions inside
+# loop bodies (and conditionals) several times slower. Without convolution
+# ops (the library's LeNet since) the loop costs nothing (2.4 s under
+# ``lax.scan(unroll=4)``, 2.6 s unrolled) but vmapping the products does
+# (6.8 s). Unrolled chunks are the one choice that is fast for both kinds of
+# model. Forward passes alone lose nothing in a loop either way (200
+# perturbed LeNet losses: 17.4 s looped, 19.1 s unrolled) and unrolling
+# holds more memory (7.5 GB against 1.8 GB there), so callers with
+# forward-only work pass unroll=False.
 MAX_UNROLLED_CHUNKS = 32
 
 

@@ -12,9 +12,10 @@ Why it is written here rather than taken from matfree
 (``matfree.eig.eigh_partial(matfree.decomp.tridiag_sym(..., reortho="full"))``):
 matfree drives the Krylov recursion with ``lax.fori_loop`` and offers no way
 to unroll it, and on a CPU a matvec inside an XLA loop runs several times
-slower than the same matvec outside one. Measured with
-``benchmarks/solver_overhead.py`` (2-core x86-64 CPU, jax 0.10.2, LeNet with
-11,330 parameters on 1,200 images, top-20 from 40 Lanczos steps): one
+slower than the same matvec outside one when the model has convolutions.
+Measured with ``benchmarks/solver_overhead.py`` (2-core x86-64 CPU, jax
+0.10.2, LeNet with 11,330 parameters on 1,200 images, conv2 still a
+``lax.conv``, top-20 from 40 Lanczos steps): one
 linearisation plus 40 Hessian products alone took 7.46 s; this solver
 unrolled 7.28 s (overhead -2%: the reorthogonalisation costs less than the
 timing noise), the same code under ``fori_loop`` 48.9 s, matfree 50.6 s.

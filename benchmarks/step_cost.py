@@ -1,0 +1,131 @@
+"""Per-step cost of each noise dynamics, as a ratio to a plain GD step.
+
+A full-batch step is: loss and gradient, the noise transform's update (with
+``loss_fn`` and ``batch`` as extra arguments), ``optax.sgd``. Each dynamics is
+timed at ``refresh_every`` 1 and 10, averaged over ``refresh_every``
+consecutive jitted steps (so a refresh is counted once per period), median
+of ``--repeats``. The matvec floor is GD step + k matvecs / refresh_every
+(the issue's definition; Lanczos itself runs ``max(2k, k + 10)`` matvecs),
+with the matvec timed as one linearisation plus one product.
+
+Usage: python benchmarks/step_cost.py [--model lenet|mlp] [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.flatten_util import ravel_pytree
+
+import anisonoise
+from _common import environment, lenet_problem, timeit
+
+M = 20
+K = 20
+
+
+def mlp_problem(n=1200, d_in=784, hidden=64, seed=0):
+  rng = np.random.default_rng(seed)
+  batch = {"x": jnp.asarray(rng.normal(size=(n, d_in)), jnp.float32),
+           "y": jnp.asarray(rng.integers(0, 10, n))}
+  k1, k2 = jax.random.split(jax.random.key(seed))
+  params = {"w1": jax.random.normal(k1, (d_in, hidden)) / np.sqrt(d_in),
+            "b1": jnp.zeros(hidden),
+            "w2": jax.random.normal(k2, (hidden, 10)) / np.sqrt(hidden),
+            "b2": jnp.zeros(10)}
+
+  def loss_fn(p, b):
+    h = jax.nn.relu(b["x"] @ p["w1"] + p["b1"])
+    return optax.softmax_cross_entropy_with_integer_labels(
+        h @ p["w2"] + p["b2"], b["y"])
+
+  return loss_fn, params, batch
+
+
+def dynamics(refresh):
+  return {
+      "GD": (None, 0),
+      "GLD const": (anisonoise.isotropic_noise(1e-3), 0),
+      "GLD dynamic": (anisonoise.dynamic_isotropic_noise(
+          batch_size=M, refresh_every=refresh), 0),
+      "GLD diag": (anisonoise.diagonal_noise(
+          batch_size=M, refresh_every=refresh), 0),
+      "GLD leading k=20": (anisonoise.leading_noise(
+          K, batch_size=M, refresh_every=refresh), K),
+      "GLD Hessian k=20": (anisonoise.hessian_noise(
+          K, batch_size=M, refresh_every=refresh), K),
+      "GLD 1st eigvec": (anisonoise.hessian_eigvec_noise(
+          batch_size=M, refresh_every=refresh), 1),
+      "GD + SGD noise": (anisonoise.sgd_noise(batch_size=M), 0),
+  }
+
+
+def time_steps(loss_fn, params, batch, noise, steps, repeats):
+  tx = optax.chain(noise, optax.sgd(0.07)) if noise else optax.sgd(0.07)
+
+  @jax.jit
+  def step(params, state, batch):
+    grads = jax.grad(lambda p: jnp.mean(loss_fn(p, batch)))(params)
+    updates, state = tx.update(grads, state, params, loss_fn=loss_fn,
+                               batch=batch)
+    return optax.apply_updates(params, updates), state
+
+  def run(params, state, batch):
+    # Consecutive jitted steps, as a training loop runs them: one refresh
+    # (count 0) and steps - 1 cached steps.
+    for _ in range(steps):
+      params, state = step(params, state, batch)
+    return params, state
+
+  state = tx.init(params)
+  return timeit(run, params, state, batch, repeats=repeats) / steps
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--model", choices=["lenet", "mlp"], default="lenet")
+  parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--refresh", type=int, nargs="+", default=[1, 10])
+  parser.add_argument("--json", default=None)
+  args = parser.parse_args()
+  env = environment()
+  print(json.dumps(env), flush=True)
+  loss_fn, params, batch = (lenet_problem() if args.model == "lenet"
+                            else mlp_problem())
+  flat, unravel = ravel_pytree(params)
+  v = unravel(jnp.ones_like(flat))
+  matvec = jax.jit(lambda p, b, v: anisonoise.hessian_operator(
+      loss_fn, p, b)(v))
+  t_mv = timeit(matvec, params, batch, v, repeats=args.repeats)
+  t_gd = time_steps(loss_fn, params, batch, None, 1, args.repeats)
+  print(f"D={flat.size}  GD step {t_gd:.3f} s  linearised HVP {t_mv:.3f} s",
+        flush=True)
+  rows = []
+  for refresh in args.refresh:
+    for name, (noise, matvecs) in dynamics(refresh).items():
+      if name == "GD" or (refresh > 1 and name in ("GLD const",
+                                                   "GD + SGD noise")):
+        continue
+      t = time_steps(loss_fn, params, batch, noise, refresh, args.repeats)
+      floor = t_gd + matvecs * t_mv / refresh
+      row = {"dynamics": name, "refresh_every": refresh, "step_s": t,
+             "ratio_to_gd": t / t_gd,
+             "ratio_to_floor": t / floor if matvecs else None}
+      rows.append(row)
+      floor_txt = f"{row['ratio_to_floor']:.2f}" if matvecs else "-"
+      print(f"{name:18s} refresh {refresh:2d}: {t:7.3f} s/step,"
+            f" {t / t_gd:5.2f}x GD, {floor_txt} x floor", flush=True)
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump({"env": env, "model": args.model, "D": int(flat.size),
+                 "gd_step_s": t_gd, "matvec_s": t_mv, "rows": rows}, f,
+                indent=2)
+
+
+if __name__ == "__main__":
+  main()
