@@ -48,15 +48,31 @@ def timeit(fn, *args, repeats: int = 5) -> float:
   return statistics.median(times)
 
 
-def lenet_problem(n: int = 1200, seed: int = 0):
-  """(loss_fn, params, batch) for the paper's LeNet on ``n`` images.
+def lenet_images(n: int = 1200, seed: int = 0):
+  """``(images (n, 28, 28, 1) in [-1, 1], labels, description)``.
 
-  Random images of Fashion-MNIST's shape (pixels in [-1, 1], uniform labels):
-  the timings depend on shapes only.
+  The paper's corrupted Fashion-MNIST training set (``n // 6`` random labels)
+  when the data is installed, else random images of the same shape and
+  uniform labels (timings depend on shapes only).
   """
-  rng = np.random.default_rng(seed)
-  images = rng.uniform(-1, 1, size=(n, 28, 28, 1)).astype(np.float32)
-  labels = rng.integers(0, 10, size=n)
+  from anisonoise import data
+
+  try:
+    images, labels = data.load_fashion_mnist("train")
+    s = data.corrupted_training_set(images, labels, num_clean=n - n // 6,
+                                    num_corrupt=n // 6, seed=seed)
+    return s.x, s.y, "Fashion-MNIST, corrupted labels"
+  except data.DataError:
+    rng = np.random.default_rng(seed)
+    images = rng.uniform(-1, 1, size=(n, 28, 28, 1)).astype(np.float32)
+    return images, rng.integers(0, 10, size=n), "random images (no data)"
+
+
+def lenet_problem(n: int = 1200, seed: int = 0, with_info: bool = False):
+  """(loss_fn, params, batch) for the paper's LeNet on ``n`` images (see
+  :func:`lenet_images`); with ``with_info`` also a dict with the images,
+  labels and a description of the data."""
+  images, labels, what = lenet_images(n, seed)
   model = LeNet(nnx.Rngs(seed))
   graphdef, params = nnx.split(model, nnx.Param)
   batch = {"x": lenet_patches(jnp.asarray(images)), "y": jnp.asarray(labels)}
@@ -65,4 +81,7 @@ def lenet_problem(n: int = 1200, seed: int = 0):
     logits = nnx.merge(graphdef, params)(b["x"])
     return optax.softmax_cross_entropy_with_integer_labels(logits, b["y"])
 
+  if with_info:
+    return loss_fn, params, batch, {"images": images, "labels": labels,
+                                    "data": what}
   return loss_fn, params, batch

@@ -8,13 +8,17 @@ of ``--repeats``. The matvec floor is GD step + k matvecs / refresh_every
 (the issue's definition; Lanczos itself runs ``max(2k, k + 10)`` matvecs),
 with the matvec timed as one linearisation plus one product.
 
+Writes ``step_cost_<model>.json`` and ``.md`` to ``--out``.
+
 Usage: python benchmarks/step_cost.py [--model lenet|mlp] [--repeats 5]
+       [--out results/benchmarks]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -91,12 +95,15 @@ def main():
   parser.add_argument("--model", choices=["lenet", "mlp"], default="lenet")
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--refresh", type=int, nargs="+", default=[1, 10])
-  parser.add_argument("--json", default=None)
+  parser.add_argument("--n", type=int, default=1200)
+  parser.add_argument("--dynamics", nargs="+", default=None,
+                      help="a subset of the dynamics (default: all)")
+  parser.add_argument("--out", default="results/benchmarks")
   args = parser.parse_args()
   env = environment()
   print(json.dumps(env), flush=True)
-  loss_fn, params, batch = (lenet_problem() if args.model == "lenet"
-                            else mlp_problem())
+  loss_fn, params, batch = (lenet_problem(args.n) if args.model == "lenet"
+                            else mlp_problem(args.n))
   flat, unravel = ravel_pytree(params)
   v = unravel(jnp.ones_like(flat))
   matvec = jax.jit(lambda p, b, v: anisonoise.hessian_operator(
@@ -111,6 +118,8 @@ def main():
       if name == "GD" or (refresh > 1 and name in ("GLD const",
                                                    "GD + SGD noise")):
         continue
+      if args.dynamics and name not in args.dynamics:
+        continue
       t = time_steps(loss_fn, params, batch, noise, refresh, args.repeats)
       floor = t_gd + matvecs * t_mv / refresh
       row = {"dynamics": name, "refresh_every": refresh, "step_s": t,
@@ -120,11 +129,31 @@ def main():
       floor_txt = f"{row['ratio_to_floor']:.2f}" if matvecs else "-"
       print(f"{name:18s} refresh {refresh:2d}: {t:7.3f} s/step,"
             f" {t / t_gd:5.2f}x GD, {floor_txt} x floor", flush=True)
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump({"env": env, "model": args.model, "D": int(flat.size),
-                 "gd_step_s": t_gd, "matvec_s": t_mv, "rows": rows}, f,
-                indent=2)
+  res = {"env": env, "model": args.model, "D": int(flat.size), "n": args.n,
+         "gd_step_s": t_gd, "matvec_s": t_mv, "rows": rows}
+  os.makedirs(args.out, exist_ok=True)
+  with open(os.path.join(args.out, f"step_cost_{args.model}.json"), "w") as f:
+    json.dump(res, f, indent=2)
+  table = markdown(res)
+  with open(os.path.join(args.out, f"step_cost_{args.model}.md"), "w") as f:
+    f.write(table + "\n")
+  print(table)
+
+
+def markdown(res) -> str:
+  env = res["env"]
+  lines = [f"{res['model']} (D = {res['D']}, n = {res['n']}): GD step"
+           f" {res['gd_step_s']:.4f} s, linearised HVP {res['matvec_s']:.4f}"
+           f" s; {env['device']}, {env['cpu_count']} cores, jax"
+           f" {env['jax']}.", "",
+           "| dynamics | refresh | s/step | x GD | x floor |",
+           "|---|---|---|---|---|"]
+  for r in res["rows"]:
+    floor = "-" if r["ratio_to_floor"] is None else (
+        f"{r['ratio_to_floor']:.2f}")
+    lines.append(f"| {r['dynamics']} | {r['refresh_every']} |"
+                 f" {r['step_s']:.4f} | {r['ratio_to_gd']:.2f} | {floor} |")
+  return "\n".join(lines)
 
 
 if __name__ == "__main__":

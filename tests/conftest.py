@@ -4,6 +4,9 @@ x64 is enabled for the whole suite so that references can be exact; tests that
 check float32 behaviour create float32 arrays explicitly.
 """
 
+import gzip
+import struct
+
 import jax
 
 jax.config.update("jax_enable_x64", True)
@@ -87,3 +90,28 @@ def dense_reference(loss_fn, params, batch):
 @pytest.fixture(params=sorted(PROBLEMS))
 def problem(request):
   return PROBLEMS[request.param]()
+
+
+def write_idx(path, array, magic=None):
+  """Writes ``array`` as a gzipped IDX file of unsigned bytes."""
+  from anisonoise import data
+
+  array = np.asarray(array, np.uint8)
+  ndim = array.ndim
+  magic = data._MAGIC[ndim] if magic is None else magic
+  header = struct.pack(">I", magic) + struct.pack(f">{ndim}I", *array.shape)
+  with gzip.open(path, "wb") as f:
+    f.write(header + array.tobytes())
+
+
+def write_fake_split(directory, split, n, seed=0):
+  """Random Fashion-MNIST-shaped IDX files of ``n`` examples for ``split``."""
+  from anisonoise import data
+
+  rng = np.random.default_rng(seed)
+  images = rng.integers(0, 256, size=(n, 28, 28))
+  labels = rng.integers(0, 10, size=n)
+  img, lab = data.FILES[split]
+  write_idx(directory / img, images)
+  write_idx(directory / lab, labels)
+  return images.astype(np.uint8), labels.astype(np.uint8)

@@ -2,31 +2,16 @@
 
 import gzip
 import os
-import struct
 
 import numpy as np
 import pytest
 
 from anisonoise import data
-
-
-def _write_idx(path, array, magic=None):
-  array = np.asarray(array, np.uint8)
-  ndim = array.ndim
-  magic = data._MAGIC[ndim] if magic is None else magic
-  header = struct.pack(">I", magic) + struct.pack(f">{ndim}I", *array.shape)
-  with gzip.open(path, "wb") as f:
-    f.write(header + array.tobytes())
+from conftest import write_fake_split, write_idx
 
 
 def _fake_dir(tmp_path, n=12, split="train"):
-  rng = np.random.default_rng(0)
-  images = rng.integers(0, 256, size=(n, 28, 28))
-  labels = rng.integers(0, 10, size=n)
-  img, lab = data.FILES[split]
-  _write_idx(tmp_path / img, images)
-  _write_idx(tmp_path / lab, labels)
-  return images.astype(np.uint8), labels.astype(np.uint8)
+  return write_fake_split(tmp_path, split, n)
 
 
 def test_roundtrip(tmp_path):
@@ -46,7 +31,7 @@ def test_environment_variable_overrides_default(tmp_path, monkeypatch):
 def test_wrong_magic_names_the_file(tmp_path):
   _fake_dir(tmp_path)
   path = tmp_path / data.FILES["train"][1]
-  _write_idx(path, np.zeros(12), magic=0x00000803)
+  write_idx(path, np.zeros(12), magic=0x00000803)
   with pytest.raises(data.DataError, match=f"{path}: magic number"):
     data.load_fashion_mnist("train", data_dir=str(tmp_path))
 
@@ -72,7 +57,7 @@ def test_not_gzip_names_the_file(tmp_path):
 
 def test_label_count_mismatch(tmp_path):
   _fake_dir(tmp_path)
-  _write_idx(tmp_path / data.FILES["train"][1], np.zeros(11))
+  write_idx(tmp_path / data.FILES["train"][1], np.zeros(11))
   with pytest.raises(data.DataError, match="12 images but .* 11 labels"):
     data.load_fashion_mnist("train", data_dir=str(tmp_path))
 

@@ -36,7 +36,10 @@ from anisonoise._src.batching import Batch, LossFn, Params
 Matvec = Callable[[Params], Params]
 
 # Random probes or samples vectorised at once by the stochastic estimators.
-PROBE_CHUNK = 8
+# 1: on the conv-free LeNet (1,200 images, CPU) vectorising HVPs costs more
+# than it saves: stochastic Tr(H Sigma) with 64 samples took 34.7 s in
+# chunks of 8 and 14.5 s one at a time (16 samples: 8.0 s against 3.6 s).
+PROBE_CHUNK = 1
 
 
 def _check_chunk_size(chunk_size: int | None) -> None:

@@ -82,8 +82,8 @@ def escape_indicator(
   asked for 72 GB). ``method="stochastic"``
   averages ``eps^T H eps`` over ``eps ~ N(0, Sigma_sgd)`` drawn matrix-free
   (:func:`sgd_noise_sampler`, linearised once): one transposed linear pass
-  and one HVP per sample, vectorised 8 samples at a time, and an unbiased
-  estimate whatever ``n`` is.
+  and one HVP per sample, one sample at a time (``PROBE_CHUNK``), and an
+  unbiased estimate whatever ``n`` is.
 
   Args:
     loss_fn: ``loss_fn(params, batch) -> (n,)`` per-example losses.

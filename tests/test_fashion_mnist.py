@@ -1,0 +1,164 @@
+"""The Fashion-MNIST experiment (Figs. 3, 5, 7, 8) at tiny size: every
+artefact, checkpoints and resume equivalence."""
+
+import dataclasses
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import write_fake_split
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
+
+import fashion_mnist as fm  # noqa: E402
+
+TINY = fm.PRESETS["tiny"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  d = tmp_path_factory.mktemp("fmnist")
+  write_fake_split(d, "train", 60, seed=1)
+  write_fake_split(d, "test", 120, seed=2)
+  return str(d)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, data_dir):
+  out = tmp_path_factory.mktemp("tiny")
+  return str(out), fm.run(str(out), "tiny", seed=0, data_dir=data_dir)
+
+
+def test_schedule():
+  assert fm._schedule(10, 4) == [4, 8, 10]
+  assert fm._schedule(100, 25, early=10, early_every=5) == [5, 10, 25, 50, 75,
+                                                            100]
+
+
+def test_checkpoint_roundtrip_with_prng_keys(tmp_path):
+  import anisonoise
+  params = {"w": jnp.arange(6.0).reshape(2, 3), "b": jnp.ones(3)}
+  tx = anisonoise.hessian_noise(2, key=3)
+  state = tx.init(params)
+  path = str(tmp_path / "c.msgpack")
+  fm.save_checkpoint(path, (params, state), {"t": 7})
+  back, record = fm.load_checkpoint(path, (params, tx.init(params)))
+  assert record == {"t": 7}
+  for a, b in zip(jax.tree.leaves(back), jax.tree.leaves((params, state))):
+    if jnp.issubdtype(a.dtype, jax.dtypes.prng_key):
+      a, b = jax.random.key_data(a), jax.random.key_data(b)
+    np.testing.assert_array_equal(a, b)
+  assert not os.path.exists(path + ".tmp")
+  # A template of another shape is refused with a message.
+  with pytest.raises(fm.ConfigMismatch, match="shape"):
+    fm.load_checkpoint(path, ({"w": jnp.zeros((3, 3)), "b": jnp.ones(3)},
+                              state))
+
+
+def test_unknown_dynamics_is_refused(tmp_path, data_dir):
+  cfg = dataclasses.replace(TINY, dynamics=("GD", "Adam"))
+  with pytest.raises(ValueError, match="unknown dynamics"):
+    fm.run(str(tmp_path), cfg, data_dir=data_dir)
+
+
+def test_tiny_run_writes_every_artefact(tiny_run):
+  out, summary = tiny_run
+  with open(os.path.join(out, "results.json")) as f:
+    on_disk = json.load(f)
+  summary = dict(summary)
+  summary.pop("timings")
+  assert on_disk == json.loads(json.dumps(summary))
+
+  # The corrupted set: the last 10 of the first 50 images, recorded.
+  assert on_disk["data"]["num_train"] == 50
+  assert on_disk["data"]["corrupted_indices"] == list(range(40, 50))
+  assert on_disk["num_params"] == 11_330
+
+  # GD phase: evaluations at 0, 3, 6 with accuracies in [0, 1].
+  assert [r["step"] for r in on_disk["gd"]] == [0, 3, 6]
+  assert set(on_disk["dynamics"]) == set(fm.DYNAMICS)
+  for name, hist in on_disk["dynamics"].items():
+    assert [r["step"] for r in hist] == [0, 2, 4], name
+    for r in hist:
+      for key in ("train_acc", "train_acc_clean", "train_acc_corrupted",
+                  "test_acc"):
+        assert 0.0 <= r[key] <= 1.0
+      assert np.isfinite(r["train_loss"]) and r["train_loss"] > 0
+    assert "sharpness" in hist[-1] and np.isfinite(hist[-1]["sharpness"])
+    # Every dynamics starts from theta_GD.
+    assert hist[0]["train_loss"] == on_disk["gd"][-1]["train_loss"]
+
+  # Deterministic GD and noisy dynamics leave theta_GD differently.
+  final = {n: h[-1]["train_loss"] for n, h in on_disk["dynamics"].items()}
+  for name in fm.DYNAMICS:
+    if name != "GD":
+      assert final[name] != final["GD"], name
+
+  # Fig. 5 left: descending Hessian eigenvalues with small residuals.
+  ev = np.asarray(on_disk["spectrum"]["eigenvalues"])
+  assert ev.shape == (4,) and np.all(np.diff(ev) <= 1e-6 * abs(ev[0]))
+  # Fig. 5 middle/right and Fig. 7 along SGD.
+  for r in on_disk["dynamics"]["SGD"]:
+    # (Hutchinson with 2 probes may go negative off a minimum: finite only.)
+    assert r["noise_norm"] > 0 and r["grad_norm"] > 0
+    for key in ("tr_h_sigma", "tr_h_sigma_bar", "projection_coefficient"):
+      assert np.isfinite(r[key]), key
+
+  table = open(os.path.join(out, "table.md")).read()
+  for name in fm.DYNAMICS:
+    assert f"| {name} |" in table
+  import matplotlib.image
+  for fig in ("fig3", "fig5", "fig7", "fig8"):
+    img = matplotlib.image.imread(os.path.join(out, f"{fig}.png"))
+    assert img.shape[0] > 300 and img.std() > 0.01, fig
+
+  # theta_GD is saved and loads into the model's parameters.
+  params, _, _ = fm.make_model(0)
+  theta, record = fm.load_checkpoint(os.path.join(out, "theta_gd.msgpack"),
+                                     params)
+  assert record["t"] == TINY.gd_steps
+  assert sum(x.size for x in jax.tree.leaves(theta)) == 11_330
+
+
+class _Killed(Exception):
+  pass
+
+
+def test_killed_run_resumes_to_the_same_numbers(tmp_path, data_dir,
+                                                monkeypatch, tiny_run):
+  """Killed twice (in the GD phase, then inside a dynamics), started again
+  each time: the results equal the uninterrupted run's."""
+  _, reference = tiny_run
+  cfg = dataclasses.replace(TINY, dynamics=("GLD Hessian", "SGD"))
+  out = str(tmp_path / "resumed")
+  calls = {"n": 0}
+
+  def kill_at(*points):
+    def hook(path):
+      calls["n"] += 1
+      if calls["n"] in points:
+        raise _Killed(path)
+    return hook
+
+  # Checkpoints: GD at 0, 3, 6; theta_GD; GLD Hessian at 0, 2, 4; SGD ...
+  monkeypatch.setattr(fm, "_on_checkpoint", kill_at(2, 6))
+  with pytest.raises(_Killed, match="gd.msgpack"):
+    fm.run(out, cfg, data_dir=data_dir, plot=False)
+  with pytest.raises(_Killed, match="gld_hessian"):
+    fm.run(out, cfg, data_dir=data_dir, plot=False)
+  resumed = fm.run(out, cfg, data_dir=data_dir, plot=False)
+  assert calls["n"] > 6
+  assert resumed["gd"] == reference["gd"]
+  assert resumed["spectrum"] == reference["spectrum"]
+  for name in cfg.dynamics:
+    assert resumed["dynamics"][name] == reference["dynamics"][name], name
+
+  # Resuming with other settings is refused, not silently mixed.
+  other = dataclasses.replace(cfg, lr=0.05)
+  with pytest.raises(fm.ConfigMismatch, match="different settings"):
+    fm.run(out, other, data_dir=data_dir, plot=False)
