@@ -162,3 +162,16 @@ def test_killed_run_resumes_to_the_same_numbers(tmp_path, data_dir,
   other = dataclasses.replace(cfg, lr=0.05)
   with pytest.raises(fm.ConfigMismatch, match="different settings"):
     fm.run(out, other, data_dir=data_dir, plot=False)
+
+
+def test_cli_missing_data_is_a_clear_error(tmp_path, monkeypatch, capsys):
+  empty = tmp_path / "nothing-here"
+  empty.mkdir()
+  monkeypatch.setattr(sys, "argv", [
+      "fashion_mnist.py", "--preset", "tiny", "--out", str(tmp_path / "o"),
+      "--data-dir", str(empty)])
+  with pytest.raises(SystemExit) as exc:
+    fm.main()
+  assert exc.value.code == 2
+  err = capsys.readouterr().err
+  assert "error:" in err and str(empty) in err
