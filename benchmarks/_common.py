@@ -19,7 +19,10 @@ from anisonoise.models import LeNet, lenet_patches
 def environment() -> dict:
   """Machine, device and versions, printed and stored with every result."""
   import flax
-  import matfree
+  try:  # only solver_overhead.py needs it (the bench extra)
+    import matfree
+  except ImportError:
+    matfree = None
 
   info = {
       "machine": platform.machine(),
@@ -29,7 +32,7 @@ def environment() -> dict:
       "jax": jax.__version__,
       "optax": optax.__version__,
       "flax": flax.__version__,
-      "matfree": getattr(matfree, "__version__", "?"),
+      "matfree": getattr(matfree, "__version__", "?") if matfree else None,
       "device": str(jax.devices()[0].device_kind),
       "backend": jax.default_backend(),
   }
