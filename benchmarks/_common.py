@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import statistics
@@ -88,3 +89,32 @@ def lenet_problem(n: int = 1200, seed: int = 0, with_info: bool = False):
     return loss_fn, params, batch, {"images": images, "labels": labels,
                                     "data": what}
   return loss_fn, params, batch
+
+
+def mlp_problem(x, labels, hidden: int, activation=jax.nn.relu, seed: int = 0):
+  """(loss_fn, params, batch) of a one-hidden-layer MLP with 10 classes on
+  inputs ``x`` (flattened to ``(n, d_in)``)."""
+  x = jnp.asarray(np.asarray(x).reshape(len(x), -1))
+  d_in = x.shape[1]
+  k1, k2 = jax.random.split(jax.random.key(seed))
+  params = {"w1": jax.random.normal(k1, (d_in, hidden)) / np.sqrt(d_in),
+            "b1": jnp.zeros(hidden),
+            "w2": jax.random.normal(k2, (hidden, 10)) / np.sqrt(hidden),
+            "b2": jnp.zeros(10)}
+
+  def loss_fn(p, b):
+    h = activation(b["x"] @ p["w1"] + p["b1"])
+    return optax.softmax_cross_entropy_with_integer_labels(
+        h @ p["w2"] + p["b2"], b["y"])
+
+  return loss_fn, params, {"x": x, "y": jnp.asarray(labels)}
+
+
+def write_results(out: str, name: str, res: dict, table: str) -> None:
+  """Writes ``name.json`` and ``name.md`` to ``out`` and prints the table."""
+  os.makedirs(out, exist_ok=True)
+  with open(os.path.join(out, f"{name}.json"), "w") as f:
+    json.dump(res, f, indent=1)
+  with open(os.path.join(out, f"{name}.md"), "w") as f:
+    f.write(table + "\n")
+  print(table)

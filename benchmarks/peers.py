@@ -35,11 +35,11 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from jax.flatten_util import ravel_pytree
 
 import anisonoise
-from _common import environment, lenet_problem, timeit
+from _common import (environment, lenet_problem, mlp_problem, timeit,
+                     write_results)
 
 K = 20
 
@@ -228,28 +228,12 @@ def dense_top20(matrix):
   return np.sort(vals)[::-1]
 
 
-def mlp_problem(images, labels, hidden, seed=0):
-  x = jnp.asarray(np.asarray(images).reshape(len(images), -1))
-  d_in = x.shape[1]
-  k1, k2 = jax.random.split(jax.random.key(seed))
-  params = {"w1": jax.random.normal(k1, (d_in, hidden)) / np.sqrt(d_in),
-            "b1": jnp.zeros(hidden),
-            "w2": jax.random.normal(k2, (hidden, 10)) / np.sqrt(hidden),
-            "b2": jnp.zeros(10)}
-
-  def loss_fn(p, b):
-    h = jnp.tanh(b["x"] @ p["w1"] + p["b1"])
-    return optax.softmax_cross_entropy_with_integer_labels(
-        h @ p["w2"] + p["b2"], b["y"])
-
-  return loss_fn, params, {"x": x, "y": jnp.asarray(labels)}
-
-
 def dense_rows(loss_fn, params, batch, images, labels, iters_list, repeats,
                dense_repeats, mlp_hidden, eig_size=None):
   # (a) In full on a small MLP, with anisonoise on the same problem (the
   # fewest Lanczos steps of ``iters_list`` within 1e-3 of the dense result).
-  m_loss, m_params, m_batch = mlp_problem(images, labels, mlp_hidden)
+  m_loss, m_params, m_batch = mlp_problem(images, labels, mlp_hidden,
+                                         activation=jnp.tanh)
   m_params = gd(m_loss, m_params, m_batch, 200)
   flat, unravel = ravel_pytree(m_params)
 
@@ -417,13 +401,7 @@ def main():
                        "residual_norms": np.asarray(
                            ref.residual_norms).tolist()},
          "anisonoise": ours, "pyhessian": py, "dense": dense}
-  os.makedirs(args.out, exist_ok=True)
-  with open(os.path.join(args.out, "peers.json"), "w") as f:
-    json.dump(res, f, indent=1)
-  table = markdown(res)
-  with open(os.path.join(args.out, "peers.md"), "w") as f:
-    f.write(table + "\n")
-  print(table)
+  write_results(args.out, "peers", res, markdown(res))
 
 
 if __name__ == "__main__":

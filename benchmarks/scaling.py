@@ -22,7 +22,7 @@ import os
 
 import numpy as np
 
-from _common import environment
+from _common import environment, write_results
 from step_cost import dynamics, mlp_problem, time_steps
 
 
@@ -126,14 +126,8 @@ def main():
   res = {"env": env, "refresh": args.refresh, "fixed_n": args.fixed_n,
          "fixed_width": args.fixed_width, "by_D": by_d, "by_n": by_n,
          "slopes_D": slopes(by_d, "D"), "slopes_n": slopes(by_n, "n")}
-  os.makedirs(args.out, exist_ok=True)
-  with open(os.path.join(args.out, "scaling.json"), "w") as f:
-    json.dump(res, f, indent=1)
-  table = markdown(res)
-  with open(os.path.join(args.out, "scaling.md"), "w") as f:
-    f.write(table + "\n")
+  write_results(args.out, "scaling", res, markdown(res))
   plot(res, os.path.join(args.out, "scaling.png"))
-  print(table)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +26,7 @@ import optax
 from jax.flatten_util import ravel_pytree
 
 import anisonoise
+import _common
 from _common import environment, lenet_problem, timeit
 
 M = 20
@@ -34,21 +34,10 @@ K = 20
 
 
 def mlp_problem(n=1200, d_in=784, hidden=64, seed=0):
+  """A ReLU MLP on random inputs (the timings depend on shapes only)."""
   rng = np.random.default_rng(seed)
-  batch = {"x": jnp.asarray(rng.normal(size=(n, d_in)), jnp.float32),
-           "y": jnp.asarray(rng.integers(0, 10, n))}
-  k1, k2 = jax.random.split(jax.random.key(seed))
-  params = {"w1": jax.random.normal(k1, (d_in, hidden)) / np.sqrt(d_in),
-            "b1": jnp.zeros(hidden),
-            "w2": jax.random.normal(k2, (hidden, 10)) / np.sqrt(hidden),
-            "b2": jnp.zeros(10)}
-
-  def loss_fn(p, b):
-    h = jax.nn.relu(b["x"] @ p["w1"] + p["b1"])
-    return optax.softmax_cross_entropy_with_integer_labels(
-        h @ p["w2"] + p["b2"], b["y"])
-
-  return loss_fn, params, batch
+  x = rng.normal(size=(n, d_in)).astype(np.float32)
+  return _common.mlp_problem(x, rng.integers(0, 10, n), hidden, seed=seed)
 
 
 def dynamics(refresh):
@@ -131,13 +120,8 @@ def main():
             f" {t / t_gd:5.2f}x GD, {floor_txt} x floor", flush=True)
   res = {"env": env, "model": args.model, "D": int(flat.size), "n": args.n,
          "gd_step_s": t_gd, "matvec_s": t_mv, "rows": rows}
-  os.makedirs(args.out, exist_ok=True)
-  with open(os.path.join(args.out, f"step_cost_{args.model}.json"), "w") as f:
-    json.dump(res, f, indent=2)
-  table = markdown(res)
-  with open(os.path.join(args.out, f"step_cost_{args.model}.md"), "w") as f:
-    f.write(table + "\n")
-  print(table)
+  _common.write_results(args.out, f"step_cost_{args.model}", res,
+                        markdown(res))
 
 
 def markdown(res) -> str:
