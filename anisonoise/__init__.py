@@ -32,6 +32,7 @@ from anisonoise._src.diagnostics import isotropic_escape_indicator
 from anisonoise._src.diagnostics import ou_escape_efficiency
 from anisonoise._src.diagnostics import projection_coefficient
 from anisonoise._src.diagnostics import spectral_density
+from anisonoise._src.sums import Batches
 from anisonoise._src.transforms import DiagonalNoiseState
 from anisonoise._src.transforms import DynamicIsotropicNoiseState
 from anisonoise._src.transforms import HessianEigvecNoiseState
@@ -51,6 +52,7 @@ from anisonoise._src.transforms import sgd_noise
 __version__ = "0.1.0"
 
 __all__ = (
+    "Batches",
     "DiagonalNoiseState",
     "DynamicIsotropicNoiseState",
     "EigenResult",

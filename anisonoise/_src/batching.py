@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -142,20 +142,228 @@ def check_positive_int(name: str, value: Any) -> None:
     raise ValueError(f"{name} must be an int >= 1, got {value!r}.")
 
 
-# Chunks processed by Python-unrolled vmaps before falling back to an XLA
-# loop. Measured on the 2-core CPU (jax 0.10.2, 16 Hessian-vector products
-# of LeNet on 1,200 images): with ``lax.conv`` layers they took 2.3 s
-# unrolled and 2.6 s as one vmap, but 36 s under ``lax.map(batch_size=4)``
-# and 19 s under ``lax.scan(unroll=4)``: XLA:CPU runs convolutions inside
-# loop bodies (and conditionals) several times slower. Without convolution
-# ops (the library's LeNet since) the loop costs nothing (2.4 s under
-# ``lax.scan(unroll=4)``, 2.6 s unrolled) but vmapping the products does
-# (6.8 s). Unrolled chunks are the one choice that is fast for both kinds of
-# model. Forward passes alone lose nothing in a loop either way (200
-# perturbed LeNet losses: 17.4 s looped, 19.1 s unrolled) and unrolling
-# holds more memory (7.5 GB against 1.8 GB there), so callers with
-# forward-only work pass unroll=False.
+# Chunks unrolled at trace time, rather than looped over, on a CPU.
+# Measured on the 2-core CPU (jax 0.10.2, 16 Hessian-vector products of
+# LeNet on 1,200 images): with ``lax.conv`` layers they took 2.3 s unrolled
+# and 2.6 s as one vmap, but 36 s under ``lax.map(batch_size=4)`` and 19 s
+# under ``lax.scan(unroll=4)``: XLA:CPU runs convolutions inside loop bodies
+# (and conditionals) several times slower. Without convolution ops (the
+# library's LeNet since) the loop costs nothing (2.4 s under
+# ``lax.scan(unroll=4)``, 2.6 s unrolled). Forward passes alone lose
+# nothing in a loop (200 perturbed LeNet losses: 17.4 s looped, 19.1 s
+# unrolled) and unrolling holds more memory (7.5 GB against 1.8 GB there),
+# so callers with forward-only work pass unroll=False, and so do operators
+# applied many times (their chunks sit inside an unrolled Lanczos: 40 steps
+# of 32 unrolled chunks would compile 1,280 copies of the model). On GPUs
+# and TPUs the default is a loop: it compiles once, whatever the number of
+# chunks, and the loop penalty above is an XLA:CPU fact.
 MAX_UNROLLED_CHUNKS = 32
+
+
+def default_unroll(num_chunks: int) -> bool:
+  """Whether ``num_chunks`` chunks are unrolled by default on this backend.
+
+  On a CPU, up to :data:`MAX_UNROLLED_CHUNKS` chunks are unrolled (XLA:CPU
+  runs convolutions inside loops several times slower); on any other
+  backend the chunks are looped over (``lax.scan``), which compiles the body
+  once: a VGG11 step with 32 unrolled chunks would compile 32 copies.
+  """
+  if jax.default_backend() != "cpu":
+    return num_chunks <= 1
+  return num_chunks <= MAX_UNROLLED_CHUNKS
+
+
+def check_chunk_size(chunk_size: int | None) -> None:
+  """Raises ``ValueError`` unless ``chunk_size`` is ``None`` or an int >= 1."""
+  if chunk_size is not None and (
+      isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
+      or chunk_size < 1
+  ):
+    raise ValueError(
+        f"chunk_size must be a positive int or None (all examples at once),"
+        f" got {chunk_size!r}."
+    )
+
+
+# --------------------------------------------------------------------------
+# Sharding
+# --------------------------------------------------------------------------
+
+
+def example_shards(tree: Any) -> int:
+  """How many pieces axis 0 of ``tree``'s leaves is split into (Explicit
+  mesh axes only; 1 for unsharded arrays and inside Auto-mode ``jit``)."""
+  shards = 1
+  for leaf in jax.tree.leaves(tree):
+    try:
+      sharding = jax.typeof(leaf).sharding
+    except (TypeError, AttributeError):
+      continue
+    spec = getattr(sharding, "spec", None)
+    mesh = getattr(sharding, "mesh", None)
+    if not spec or spec[0] is None or mesh is None:
+      continue
+    names = spec[0] if isinstance(spec[0], tuple) else (spec[0],)
+    shards = max(shards, math.prod(mesh.shape[a] for a in names))
+  return shards
+
+
+def match_sharding(x: jax.Array, ref: jax.Array) -> jax.Array:
+  """``x`` resharded like ``ref`` when ``ref`` lives on an Explicit mesh.
+
+  A random cotangent or probe drawn with ``jax.random`` is replicated;
+  under Explicit sharding a ``vjp`` refuses a cotangent whose sharding
+  differs from its output's, so per-example weights take the sharding of
+  the per-example losses. Elsewhere (one device, Auto meshes) ``x`` is
+  returned unchanged and ``jit`` places it.
+  """
+  sharding = jax.typeof(ref).sharding
+  mesh = getattr(sharding, "mesh", None)
+  if mesh is None or not mesh._any_axis_explicit:  # pylint: disable=protected-access
+    return x
+  if jax.typeof(x).sharding == sharding:
+    return x
+  return jax.sharding.reshard(x, sharding)
+
+
+# --------------------------------------------------------------------------
+# Chunks
+# --------------------------------------------------------------------------
+
+
+class ChunkPlan(NamedTuple):
+  """How ``n`` entries are split: ``num_chunks`` chunks of ``size``, the
+  last ``pad`` slots being copies of the first entries, weighted 0.
+
+  Chunk ``j`` holds entries ``j, j + num_chunks, j + 2 num_chunks, ...``
+  (strided rather than contiguous): reshaping ``(n, ...)`` to
+  ``(size, num_chunks, ...)`` keeps a batch sharded along its example axis
+  sharded inside every chunk, so each device works on its own examples in
+  every chunk and nothing is gathered.
+  """
+
+  n: int
+  num_chunks: int
+  size: int
+  pad: int
+
+
+def chunk_plan(n: int, chunk_size: int | None, shards: int = 1) -> ChunkPlan:
+  """Chunks of at most ``chunk_size`` entries (``None``: one chunk).
+
+  Unsharded: ``ceil(n / chunk_size)`` chunks of equal size, padded with
+  masked copies when they do not divide ``n``. Sharded ``shards`` ways along
+  the example axis (an Explicit mesh): the largest chunk size ``<=
+  chunk_size`` that divides ``n`` and is a multiple of ``shards`` (no
+  padding: a sharded axis cannot be padded without moving data).
+  """
+  check_chunk_size(chunk_size)
+  if chunk_size is None or chunk_size >= n:
+    return ChunkPlan(n, 1, n, 0)
+  if shards > 1:
+    sizes = [c for c in range(shards, chunk_size + 1, shards) if n % c == 0]
+    if not sizes:
+      raise ValueError(
+          f"chunk_size={chunk_size} cannot split a batch of {n} examples"
+          f" sharded {shards} ways: each chunk must hold a multiple of"
+          f" {shards} examples and the chunks must divide {n}. Use a"
+          f" chunk_size that is a multiple of {shards} and divides {n}"
+          " (or at least one such divisor), or None."
+      )
+    return ChunkPlan(n, n // sizes[-1], sizes[-1], 0)
+  num = -(-n // chunk_size)
+  size = -(-n // num)
+  return ChunkPlan(n, num, size, num * size - n)
+
+
+def to_chunks(tree: Any, plan: ChunkPlan) -> Any:
+  """``(n, ...)`` leaves to ``(num_chunks, size, ...)``, strided chunks."""
+
+  def split(x):
+    if plan.pad:
+      x = jnp.concatenate([x, x[: plan.pad]])
+    x = x.reshape(plan.size, plan.num_chunks, *x.shape[1:])
+    return jnp.moveaxis(x, 1, 0)
+
+  return jax.tree.map(split, tree)
+
+
+def from_chunks(tree: Any, plan: ChunkPlan) -> Any:
+  """The inverse of :func:`to_chunks` (padding dropped)."""
+
+  def merge(x):
+    x = jnp.moveaxis(x, 0, 1).reshape(plan.size * plan.num_chunks,
+                                      *x.shape[2:])
+    return x[: plan.n] if plan.pad else x
+
+  return jax.tree.map(merge, tree)
+
+
+def fold_chunks(
+    fn: Callable[[Any, jax.Array | None], Any],
+    xs: Any,
+    chunk_size: int | None,
+    *,
+    unroll: bool | None = None,
+    dtype: Any = None,
+) -> Any:
+  """``sum_j fn(chunk_j, weights_j)`` over the chunks of ``xs``.
+
+  ``fn`` receives a chunk (leaves ``(size, ...)``) and its weights (``None``
+  or ``(size,)``, 0 on padded entries) and returns a pytree that is
+  already summed over the chunk, each entry multiplied by its weight. With
+  ``chunk_size=None`` (or ``>= n``) this is ``fn(xs, None)``.
+
+  Args:
+    fn: ``(chunk, weights) -> pytree``.
+    xs: pytree of arrays sharing a leading axis of size ``n``.
+    chunk_size: entries per chunk.
+    unroll: unroll the chunks at trace time or loop (``lax.scan``); ``None``
+      chooses by backend (:func:`default_unroll`).
+    dtype: dtype of the weights (default: that of the first float leaf).
+
+  Returns:
+    The sum of ``fn`` over the chunks.
+  """
+  n = num_examples(xs)
+  plan = chunk_plan(n, chunk_size, example_shards(xs))
+  if plan.num_chunks == 1:
+    return fn(xs, None)
+  if dtype is None:
+    floats = [x for x in jax.tree.leaves(xs)
+              if jnp.issubdtype(x.dtype, jnp.floating)]
+    dtype = floats[0].dtype if floats else jnp.float32
+  parts = to_chunks(xs, plan)
+  weights = None
+  if plan.pad:
+    weights = to_chunks((jnp.arange(n + plan.pad) < n).astype(dtype),
+                        ChunkPlan(n + plan.pad, plan.num_chunks, plan.size, 0))
+  if unroll is None:
+    unroll = default_unroll(plan.num_chunks)
+
+  def add(a, b):
+    return jax.tree.map(jnp.add, a, b)
+
+  if unroll:
+    outs = [fn(jax.tree.map(lambda x: x[j], parts),
+               None if weights is None else weights[j])
+            for j in range(plan.num_chunks)]
+    return functools.reduce(add, outs)
+  first = fn(jax.tree.map(lambda x: x[0], parts),
+             None if weights is None else weights[0])
+  rest = (jax.tree.map(lambda x: x[1:], parts),
+          None if weights is None else weights[1:])
+  total, _ = jax.lax.scan(lambda acc, pw: (add(acc, fn(*pw)), None), first,
+                          rest)
+  return total
+
+
+def weighted_sum(values: jax.Array, weights: jax.Array | None) -> jax.Array:
+  """``sum_i w_i values_i`` over axis 0 (plain sum when ``weights`` is None)."""
+  if weights is None:
+    return jnp.sum(values, axis=0)
+  w = weights.reshape(weights.shape + (1,) * (values.ndim - 1))
+  return jnp.sum(values * w.astype(values.dtype), axis=0)
 
 
 def map_chunks(
@@ -165,10 +373,10 @@ def map_chunks(
   """``fn`` on every entry along axis 0 of ``xs``, vmapped chunk by chunk.
 
   ``chunk_size`` entries are vectorised at once (``None``: all), which bounds
-  memory. Up to :data:`MAX_UNROLLED_CHUNKS` chunks are unrolled at trace time
-  rather than looped over, because an XLA loop around the heavy products is
-  several times slower on a CPU (see the measurement above); beyond that a
-  loop keeps the compiled program small.
+  memory. Chunks are strided (:class:`ChunkPlan`), so a batch sharded along
+  its example axis stays sharded; the outputs come back in the order of
+  ``xs``. Whether the chunks are unrolled or looped over is chosen by
+  backend (:func:`default_unroll`).
 
   Args:
     fn: function of one entry (a pytree slice without the leading axis).
@@ -176,42 +384,32 @@ def map_chunks(
     chunk_size: entries per vectorised chunk.
     reduce_sum: return ``sum_i fn(x_i)`` instead of the stacked outputs.
     unroll: unroll the chunks (``True``) or loop over them (``False``);
-      ``None`` unrolls up to :data:`MAX_UNROLLED_CHUNKS` chunks.
+      ``None`` chooses by backend.
 
   Returns:
     The stacked outputs (leading axis as ``xs``), or their sum.
+
+  Example:
+    >>> import jax.numpy as jnp, anisonoise
+    >>> anisonoise.map_chunks(lambda x: x ** 2, jnp.arange(5.), 2).tolist()
+    [0.0, 1.0, 4.0, 9.0, 16.0]
   """
+  if reduce_sum:
+    return fold_chunks(
+        lambda part, w: jax.tree.map(lambda y: weighted_sum(y, w),
+                                     jax.vmap(fn)(part)),
+        xs, chunk_size, unroll=unroll)
   n = num_examples(xs)
-  chunk = n if chunk_size is None else max(1, min(chunk_size, n))
-  starts = range(0, n, chunk)
-
-  def on_chunk(part):
-    out = jax.vmap(fn)(part)
-    return jax.tree.map(lambda x: jnp.sum(x, axis=0), out) if reduce_sum else (
-        out)
-
-  def add(a, b):
-    return jax.tree.map(jnp.add, a, b)
-
+  plan = chunk_plan(n, chunk_size, example_shards(xs))
+  if plan.num_chunks == 1:
+    return jax.vmap(fn)(xs)
+  parts = to_chunks(xs, plan)
   if unroll is None:
-    unroll = len(starts) <= MAX_UNROLLED_CHUNKS
-  if unroll or len(starts) == 1:
-    outs = [on_chunk(jax.tree.map(lambda x: x[s:s + chunk], xs))
-            for s in starts]
-    if reduce_sum:
-      return functools.reduce(add, outs)
-    return jax.tree.map(lambda *ys: jnp.concatenate(ys), *outs)
-  if not reduce_sum:
-    return jax.lax.map(fn, xs, batch_size=chunk)
-  num_full, rem = divmod(n, chunk)
-  head = jax.tree.map(
-      lambda x: x[: num_full * chunk].reshape(num_full, chunk, *x.shape[1:]),
-      xs)
-  total, _ = jax.lax.scan(
-      lambda acc, b: (add(acc, on_chunk(b)), None),
-      on_chunk(jax.tree.map(lambda x: x[0], head)),
-      jax.tree.map(lambda x: x[1:], head))
-  if rem:
-    total = add(total, on_chunk(jax.tree.map(lambda x: x[num_full * chunk:],
-                                             xs)))
-  return total
+    unroll = default_unroll(plan.num_chunks)
+  if unroll:
+    outs = [jax.vmap(fn)(jax.tree.map(lambda x: x[j], parts))
+            for j in range(plan.num_chunks)]
+    stacked = jax.tree.map(lambda *ys: jnp.stack(ys), *outs)
+  else:
+    stacked = jax.lax.map(jax.vmap(fn), parts)
+  return from_chunks(stacked, plan)

@@ -18,12 +18,18 @@ gradients are ever formed.
 Exact traces and diagonals need the per-example gradients themselves; they
 are computed by ``vmap`` in chunks of ``chunk_size`` examples, reduced chunk
 by chunk so that ``n x D`` floats need not be in memory at once.
+
+``chunk_size`` bounds *every* pass: with it, ``C v`` and a noise draw run
+one chunk at a time too (a pass over the data per product instead of one
+stored linearisation), so peak memory is set by the chunk, not by ``n``;
+and each function also takes an :class:`anisonoise.Batches` stream in place
+of ``batch``.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -31,25 +37,38 @@ import optax
 from jax.flatten_util import ravel_pytree
 
 from anisonoise._src import batching
+from anisonoise._src import sums
 from anisonoise._src.batching import Batch, LossFn, Params
 
 Matvec = Callable[[Params], Params]
 
-# Random probes or samples vectorised at once by the stochastic estimators.
-# 1: on the conv-free LeNet (1,200 images, CPU) vectorising HVPs costs more
-# than it saves: stochastic Tr(H Sigma) with 64 samples took 34.7 s in
+# Random probes or samples vectorised at once by the stochastic estimators
+# on a CPU. 1: on the conv-free LeNet (1,200 images) vectorising HVPs costs
+# more than it saves: stochastic Tr(H Sigma) with 64 samples took 34.7 s in
 # chunks of 8 and 14.5 s one at a time (16 samples: 8.0 s against 3.6 s).
 PROBE_CHUNK = 1
+# Elsewhere (GPU, TPU) sequential products are launch-bound and vectorised
+# ones cheap; 8 probes at once hold 8 copies of the activations.
+ACCELERATOR_PROBE_CHUNK = 8
 
 
-def _check_chunk_size(chunk_size: int | None) -> None:
-  if chunk_size is not None and (
-      not isinstance(chunk_size, int) or chunk_size < 1
-  ):
-    raise ValueError(
-        f"chunk_size must be a positive int or None (all examples at once),"
-        f" got {chunk_size!r}."
-    )
+def probe_chunk() -> int:
+  """Probes vectorised at once on this backend (see :data:`PROBE_CHUNK`)."""
+  return PROBE_CHUNK if jax.default_backend() == "cpu" else (
+      ACCELERATOR_PROBE_CHUNK)
+
+
+def map_probes(fn: Callable[[jax.Array], jax.Array], keys: jax.Array,
+               data: Any) -> jax.Array:
+  """``fn`` on every key: vectorised in :func:`probe_chunk` chunks for a
+  batch in memory, a Python loop for a stream (whose products run eagerly).
+  """
+  if isinstance(data, sums.Batches):
+    outs = [fn(k) for k in keys]
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
+  return batching.map_chunks(fn, keys, probe_chunk())
+
+
 
 
 def per_example_grads(
@@ -82,7 +101,7 @@ def per_example_grads(
     >>> anisonoise.per_example_grads(loss_fn, jnp.ones(3), batch).shape
     (3, 3)
   """
-  _check_chunk_size(chunk_size)
+  batching.check_chunk_size(chunk_size)
   n = batching.check_loss_and_batch(loss_fn, params, batch, "per_example_grads")
   del n
   grad_one = jax.grad(batching.single_example_loss(loss_fn))
@@ -91,14 +110,16 @@ def per_example_grads(
 
 
 def centred_grad_fn(
-    loss_fn: LossFn, params: Params, batch: Batch
+    loss_fn: LossFn, params: Params, batch: Batch,
+    chunk_size: int | None = None,
 ) -> Callable[[Batch], Params]:
   """``example -> g_i - gbar``: one example's gradient minus the batch mean.
 
-  The mean gradient is computed once, here; subtracting it inside the chunk
-  loops avoids the cancellation of ``E[g^2] - gbar^2`` in float32.
+  The mean gradient is computed once, here (in chunks of ``chunk_size``);
+  subtracting it inside the chunk loops avoids the cancellation of
+  ``E[g^2] - gbar^2`` in float32.
   """
-  gbar = jax.grad(batching.mean_loss(loss_fn, batch))(params)
+  gbar = sums.mean_grad(loss_fn, params, batch, chunk_size=chunk_size)
   grad_one = jax.grad(batching.single_example_loss(loss_fn))
 
   def centred(example):
@@ -125,7 +146,8 @@ def covariance_diagonal(
   Args:
     loss_fn: ``loss_fn(params, batch) -> (n,)`` per-example losses.
     params: parameters pytree.
-    batch: pytree of arrays with the examples along axis 0.
+    batch: pytree of arrays with the examples along axis 0, or a
+      :class:`anisonoise.Batches` stream.
     chunk_size: examples per vectorised chunk (memory ``chunk_size x D``).
 
   Returns:
@@ -139,18 +161,12 @@ def covariance_diagonal(
     >>> anisonoise.covariance_diagonal(loss_fn, jnp.zeros(2), batch).tolist()
     [1.0, 0.0]
   """
-  _check_chunk_size(chunk_size)
-  n = batching.check_loss_and_batch(
-      loss_fn, params, batch, "covariance_diagonal"
-  )
-  centred = centred_grad_fn(loss_fn, params, batch)
-
-  def centred_square(example):
-    return jax.tree.map(jnp.square, centred(example))
-
-  total = batching.map_chunks(centred_square, batch, chunk_size,
-                              reduce_sum=True)
-  return jax.tree.map(lambda x: x / n, total)
+  batching.check_chunk_size(chunk_size)
+  n = sums.check_data(loss_fn, params, batch, "covariance_diagonal")
+  gbar = sums.mean_grad(loss_fn, params, batch, chunk_size=chunk_size, n=n)
+  total = sums.total(sums.centred_square_sum, loss_fn, chunk_size, params,
+                     batch, gbar)
+  return sums.scale(total, 1.0 / n)
 
 
 def _rademacher_like(key: jax.Array, flat: jax.Array) -> jax.Array:
@@ -173,15 +189,17 @@ def covariance_trace(
   averages ``v^T C v = ||G v - mean(G v)||^2 / n`` over Rademacher probes
   ``v``: each probe is a single forward-mode product ``G v`` (one ``jvp``,
   no backward pass), so this is the cheap choice when per-example gradients
-  are too costly. Its relative standard error is about
-  ``sqrt(2 sum_j gamma_j^2) / (Tr(C) sqrt(num_probes))``.
+  are too costly. With Rademacher probes its variance is
+  ``2 (||C||_F^2 - sum_j C_jj^2) / num_probes`` (the diagonal adds no
+  variance), at most ``2 sum_j gamma_j^2 / num_probes`` for eigenvalues
+  ``gamma_j``.
 
   Args:
     loss_fn: ``loss_fn(params, batch) -> (n,)`` per-example losses.
     params: parameters pytree.
     batch: pytree of arrays with the examples along axis 0.
     method: ``"exact"`` or ``"hutchinson"``.
-    chunk_size: examples per chunk for ``"exact"``.
+    chunk_size: examples per chunk, for every pass.
     key: PRNG key for ``"hutchinson"`` (required there).
     num_probes: number of probes for ``"hutchinson"``.
 
@@ -205,20 +223,45 @@ def covariance_trace(
   if key is None:
     raise ValueError("covariance_trace(method='hutchinson') needs a PRNG key.")
   batching.check_positive_int("num_probes", num_probes)
-  n = batching.check_loss_and_batch(loss_fn, params, batch, "covariance_trace")
+  batching.check_chunk_size(chunk_size)
+  sums.check_data(loss_fn, params, batch, "covariance_trace")
   flat, unravel = ravel_pytree(params)
-  _, jvp_lin = jax.linearize(lambda p: loss_fn(p, batch), params)
+  form = quadratic_form(loss_fn, params, batch, chunk_size=chunk_size)
 
   def quad(k):
-    u = jvp_lin(unravel(_rademacher_like(k, flat)))
-    return jnp.sum(jnp.square(u - jnp.mean(u))) / n
+    return form(unravel(_rademacher_like(k, flat)))
 
   keys = jax.random.split(key, num_probes)
-  return jnp.mean(batching.map_chunks(quad, keys, PROBE_CHUNK))
+  return jnp.mean(map_probes(quad, keys, batch))
+
+
+def quadratic_form(
+    loss_fn: LossFn, params: Params, batch: Batch, *,
+    chunk_size: int | None = None,
+) -> Callable[[Params], jax.Array]:
+  """``v -> v^T C v = ||G v - mean(G v)||^2 / n``: forward mode only.
+
+  One linearisation for a batch in one pass; otherwise ``gbar`` once and a
+  jvp per chunk, centred with ``gbar.v`` (exact in one pass).
+  """
+  n = sums.check_data(loss_fn, params, batch, "quadratic_form")
+  if sums.is_single_pass(batch, chunk_size):
+    _, jvp_lin = jax.linearize(lambda p: loss_fn(p, batch), params)
+
+    def form(v):
+      u = jvp_lin(v)
+      return jnp.sum(jnp.square(u - jnp.mean(u))) / n
+
+    return form
+  gbar = sums.mean_grad(loss_fn, params, batch, chunk_size=chunk_size, n=n)
+  return lambda v: sums.total(sums.centred_jvp_square_sum, loss_fn,
+                              sums.looped(chunk_size), params, batch, v,
+                              gbar) / n
 
 
 def covariance_operator(
-    loss_fn: LossFn, params: Params, batch: Batch
+    loss_fn: LossFn, params: Params, batch: Batch, *,
+    chunk_size: int | None = None,
 ) -> Matvec:
   """The matrix-free product ``v -> C v``.
 
@@ -228,11 +271,15 @@ def covariance_operator(
   The per-example loss vector is linearised once (``jax.linearize``); each
   product then costs one forward-mode and one reverse-mode linear pass,
   reusing the stored linearisation, and never forms ``C`` or any ``g_i``.
+  With ``chunk_size`` (or a stream) nothing is stored: ``gbar`` is computed
+  once and each product is one pass over the chunks,
+  ``sum_i (g_i.v - gbar.v) g_i / n``, a jvp and a vjp per chunk.
 
   Args:
     loss_fn: ``loss_fn(params, batch) -> (n,)`` per-example losses.
     params: the point ``theta`` at which ``C`` is taken.
-    batch: the estimation batch.
+    batch: the estimation batch, or a :class:`anisonoise.Batches` stream.
+    chunk_size: examples per chunk (``None``: one linearised pass).
 
   Returns:
     A function mapping a pytree like ``params`` to ``C v`` (same structure).
@@ -245,15 +292,20 @@ def covariance_operator(
     >>> cv(jnp.array([1., 1.])).tolist()
     [1.0, 0.0]
   """
-  n = batching.check_loss_and_batch(
-      loss_fn, params, batch, "covariance_operator"
-  )
-  _, jvp_lin = jax.linearize(lambda p: loss_fn(p, batch), params)
+  batching.check_chunk_size(chunk_size)
+  n = sums.check_data(loss_fn, params, batch, "covariance_operator")
+  if not sums.is_single_pass(batch, chunk_size):
+    gbar = sums.mean_grad(loss_fn, params, batch, chunk_size=chunk_size, n=n)
+    return lambda v: sums.scale(sums.total(
+        sums.covariance_sum, loss_fn, sums.looped(chunk_size), params, batch,
+        v, gbar),
+                                1.0 / n)
+  losses, jvp_lin = jax.linearize(lambda p: loss_fn(p, batch), params)
   vjp_lin = jax.linear_transpose(jvp_lin, params)
 
   def matvec(v):
     u = jvp_lin(v)
-    (out,) = vjp_lin((u - jnp.mean(u)) / n)
+    (out,) = vjp_lin(batching.match_sharding((u - jnp.mean(u)) / n, losses))
     return out
 
   return matvec
@@ -265,6 +317,7 @@ def sgd_noise_sampler(
     batch: Batch,
     *,
     batch_size: int | None = None,
+    chunk_size: int | None = None,
 ) -> Callable[[jax.Array], Params]:
   """``key -> eps ~ N(0, C/m)``, linearised once for many draws.
 
@@ -275,8 +328,10 @@ def sgd_noise_sampler(
   Args:
     loss_fn: ``loss_fn(params, batch) -> (n,)`` per-example losses.
     params: parameters pytree.
-    batch: the estimation batch.
+    batch: the estimation batch, or a :class:`anisonoise.Batches` stream.
     batch_size: the minibatch size ``m`` (default ``n``).
+    chunk_size: examples per chunk (``None``: one linearised pass; with a
+      chunk size every draw is a pass over the chunks).
 
   Returns:
     A function of a PRNG key returning a pytree like ``params``.
@@ -289,18 +344,37 @@ def sgd_noise_sampler(
     >>> jax.vmap(draw)(jax.random.split(jax.random.key(0), 3)).shape
     (3, 2)
   """
-  n = batching.check_loss_and_batch(loss_fn, params, batch,
-                                    "sgd_noise_sampler")
+  batching.check_chunk_size(chunk_size)
+  n = sums.check_data(loss_fn, params, batch, "sgd_noise_sampler")
   m = n if batch_size is None else batch_size
+  if not sums.is_single_pass(batch, chunk_size):
+    return lambda key: _chunked_noise(loss_fn, params, batch, key, n, m,
+                                      chunk_size)
   losses, jvp_lin = jax.linearize(lambda p: loss_fn(p, batch), params)
   vjp_lin = jax.linear_transpose(jvp_lin, params)
 
   def draw(key):
-    z = jax.random.normal(key, (n,), dtype=losses.dtype)
-    (eps,) = vjp_lin((z - jnp.mean(z)) / math.sqrt(m * n))
+    z = _centred_normal(key, n, m, losses.dtype)
+    (eps,) = vjp_lin(batching.match_sharding(z, losses))
     return eps
 
   return draw
+
+
+def _centred_normal(key, n, m, dtype):
+  """``(z - mean(z)) / sqrt(m n)``, ``z ~ N(0, I_n)``: the weights of an
+  SGD-noise draw ``G^T z``."""
+  z = jax.random.normal(key, (n,), dtype=dtype)
+  return (z - jnp.mean(z)) / math.sqrt(m * n)
+
+
+def _chunked_noise(loss_fn, params, batch, key, n, m, chunk_size):
+  """``G^T z`` accumulated chunk by chunk (or batch by batch); the same
+  ``z`` as the one-pass draw, so the same number."""
+  dtype = jnp.result_type(*jax.tree.leaves(params))
+  z = _centred_normal(key, n, m, dtype)
+  return sums.total(sums.weighted_grad_sum, loss_fn, sums.looped(chunk_size),
+                    params, batch, per_example=z)
 
 
 def sample_sgd_noise(
@@ -310,6 +384,7 @@ def sample_sgd_noise(
     key: jax.Array,
     *,
     batch_size: int | None = None,
+    chunk_size: int | None = None,
 ) -> Params:
   """An exact draw from ``N(0, C/m)``, the SGD noise of paper Eq. 5.
 
@@ -326,6 +401,8 @@ def sample_sgd_noise(
     batch: the estimation batch.
     key: PRNG key.
     batch_size: the minibatch size ``m`` whose noise is drawn (default ``n``).
+    chunk_size: examples per chunk (the backward pass runs chunk by chunk;
+      the draw is the same).
 
   Returns:
     A pytree like ``params``.
@@ -339,10 +416,12 @@ def sample_sgd_noise(
     >>> float(eps[1])
     0.0
   """
-  n = batching.check_loss_and_batch(loss_fn, params, batch, "sample_sgd_noise")
+  batching.check_chunk_size(chunk_size)
+  n = sums.check_data(loss_fn, params, batch, "sample_sgd_noise")
   m = n if batch_size is None else batch_size
+  if not sums.is_single_pass(batch, chunk_size):
+    return _chunked_noise(loss_fn, params, batch, key, n, m, chunk_size)
   losses, vjp_fn = jax.vjp(lambda p: loss_fn(p, batch), params)
-  z = jax.random.normal(key, (n,), dtype=losses.dtype)
-  z = (z - jnp.mean(z)) / math.sqrt(m * n)
-  (eps,) = vjp_fn(z)
+  z = _centred_normal(key, n, m, losses.dtype)
+  (eps,) = vjp_fn(batching.match_sharding(z, losses))
   return eps

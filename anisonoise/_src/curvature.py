@@ -19,9 +19,10 @@ Measured with ``benchmarks/solver_overhead.py`` (2-core x86-64 CPU, jax
 linearisation plus 40 Hessian products alone took 7.46 s; this solver
 unrolled 7.28 s (overhead -2%: the reorthogonalisation costs less than the
 timing noise), the same code under ``fori_loop`` 48.9 s, matfree 50.6 s.
-Hence the recursion is unrolled at trace time when it is short
+Hence, on a CPU, the recursion is unrolled at trace time when it is short
 (``unroll=None`` unrolls up to 64 iterations) and uses ``fori_loop``
-otherwise; the two paths run the same arithmetic. The returned residual norms ``|beta_m y_{m,j}|``
+otherwise; on other backends it always loops (one compiled matvec). The
+two paths run the same arithmetic. The returned residual norms ``|beta_m y_{m,j}|``
 are the Lanczos bounds on ``||A v_j - lambda_j v_j||``.
 """
 
@@ -34,6 +35,7 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
 from anisonoise._src import batching
+from anisonoise._src import sums
 from anisonoise._src.batching import Batch, LossFn, Params
 
 Matvec = Callable[[Params], Params]
@@ -41,14 +43,24 @@ Matvec = Callable[[Params], Params]
 _UNROLL_LIMIT = 64
 
 
-def hvp(loss_fn: LossFn, params: Params, batch: Batch, v: Params) -> Params:
+def default_lanczos_unroll(num_iters: int) -> bool:
+  """Unroll the Krylov recursion on a CPU up to ``_UNROLL_LIMIT`` steps
+  (see the measurement above); elsewhere ``fori_loop``, which compiles one
+  matvec whatever the number of steps."""
+  return jax.default_backend() == "cpu" and num_iters <= _UNROLL_LIMIT
+
+
+def hvp(loss_fn: LossFn, params: Params, batch: Batch, v: Params, *,
+        chunk_size: int | None = None) -> Params:
   """One Hessian-vector product ``H v`` of the mean loss (forward-over-reverse).
 
   Args:
     loss_fn: ``loss_fn(params, batch) -> (n,)`` per-example losses.
     params: the point ``theta``.
-    batch: the estimation batch.
+    batch: the estimation batch, or a :class:`anisonoise.Batches` stream.
     v: a pytree like ``params``.
+    chunk_size: examples per chunk (``None``: all at once); the product is
+      summed chunk by chunk, so memory is set by the chunk.
 
   Returns:
     ``H v``, a pytree like ``params``.
@@ -60,18 +72,31 @@ def hvp(loss_fn: LossFn, params: Params, batch: Batch, v: Params) -> Params:
     >>> anisonoise.hvp(loss_fn, jnp.zeros(2), batch, jnp.ones(2)).tolist()
     [0.5, 2.0]
   """
-  batching.check_loss_and_batch(loss_fn, params, batch, "hvp")
-  grad_fn = jax.grad(batching.mean_loss(loss_fn, batch))
-  return jax.jvp(grad_fn, (params,), (v,))[1]
+  batching.check_chunk_size(chunk_size)
+  return hessian_operator(loss_fn, params, batch, chunk_size=chunk_size,
+                          linearize=False)(v)
 
 
-def hessian_operator(loss_fn: LossFn, params: Params, batch: Batch) -> Matvec:
+def hessian_operator(loss_fn: LossFn, params: Params, batch: Batch, *,
+                     chunk_size: int | None = None,
+                     linearize: bool = True) -> Matvec:
   """The matrix-free product ``v -> H v``, linearised once and reused.
+
+  With the whole batch in one pass (``chunk_size=None``) the gradient is
+  linearised once and every product reuses it (no forward pass per
+  product; the linearisation holds the batch's activations). With a
+  ``chunk_size`` smaller than the batch, or a :class:`anisonoise.Batches`
+  stream, nothing is stored: each product is a forward-over-reverse pass
+  over the chunks, ``sum_chunks H_chunk v / n``, and memory is set by the
+  chunk.
 
   Args:
     loss_fn: ``loss_fn(params, batch) -> (n,)`` per-example losses.
     params: the point ``theta``.
-    batch: the estimation batch.
+    batch: the estimation batch, or a :class:`anisonoise.Batches` stream.
+    chunk_size: examples per chunk (``None``: all at once).
+    linearize: linearise once when the batch is one pass (``False``: one
+      plain forward-over-reverse product per call).
 
   Returns:
     A linear function mapping a pytree like ``params`` to ``H v``.
@@ -84,9 +109,17 @@ def hessian_operator(loss_fn: LossFn, params: Params, batch: Batch) -> Matvec:
     >>> hv(jnp.array([1., 0.])).tolist()
     [0.5, 0.0]
   """
-  batching.check_loss_and_batch(loss_fn, params, batch, "hessian_operator")
-  _, lin = jax.linearize(jax.grad(batching.mean_loss(loss_fn, batch)), params)
-  return lin
+  batching.check_chunk_size(chunk_size)
+  n = sums.check_data(loss_fn, params, batch, "hessian_operator")
+  if sums.is_single_pass(batch, chunk_size):
+    grad_fn = jax.grad(batching.mean_loss(loss_fn, batch))
+    if linearize:
+      return jax.linearize(grad_fn, params)[1]
+    return lambda v: jax.jvp(grad_fn, (params,), (v,))[1]
+  return lambda v: sums.scale(
+      sums.total(sums.hvp_sum, loss_fn, sums.looped(chunk_size), params,
+                 batch, v),
+      1.0 / n)
 
 
 class EigenResult(NamedTuple):
@@ -187,7 +220,8 @@ def top_eigenpairs(
     init_vector: optional start vector (a pytree like ``like``), e.g. the
       previous top eigenvector for a warm start; ``key`` is then unused.
     unroll: unroll the recursion at trace time (``True``) or use
-      ``lax.fori_loop`` (``False``); ``None`` unrolls up to 64 iterations.
+      ``lax.fori_loop`` (``False``); ``None`` unrolls up to 64 iterations
+      on a CPU and loops elsewhere.
 
   Returns:
     An :class:`EigenResult`.
@@ -217,7 +251,7 @@ def top_eigenpairs(
         f" {num_iters!r}."
     )
   if unroll is None:
-    unroll = num_iters <= _UNROLL_LIMIT
+    unroll = default_lanczos_unroll(num_iters)
 
   dtype = flat.dtype
   if init_vector is None:

@@ -2,7 +2,10 @@
 
 All model-based diagnostics take the library's ``loss_fn(params, batch) ->
 (n,)`` / ``batch`` convention and are built on the engine (per-example
-gradients, ``C v``, ``H v``, Lanczos); none forms ``H`` or ``C``. Monte Carlo
+gradients, ``C v``, ``H v``, Lanczos); none forms ``H`` or ``C``. Each takes
+``chunk_size`` (examples per vectorised chunk, for every pass over the
+data) and accepts an :class:`anisonoise.Batches` stream in place of
+``batch`` (then it runs eagerly, one compiled program per batch shape). Monte Carlo
 estimators return a :class:`MonteCarloEstimate` (mean and standard error).
 Dense-matrix helpers (:func:`ou_escape_efficiency`, :func:`escape_ratio`)
 serve the theory of Sections 3.1-3.2.
@@ -22,7 +25,9 @@ from jax.flatten_util import ravel_pytree
 from anisonoise._src import batching
 from anisonoise._src import covariance
 from anisonoise._src import curvature
+from anisonoise._src import sums
 from anisonoise._src.batching import Batch, LossFn, Params
+
 
 
 class MonteCarloEstimate(NamedTuple):
@@ -34,7 +39,9 @@ class MonteCarloEstimate(NamedTuple):
 
 def _mean_and_sem(samples: jax.Array) -> MonteCarloEstimate:
   num = samples.shape[0]
-  sd = jnp.std(samples, ddof=1) if num > 1 else jnp.zeros_like(samples[0])
+  # One sample has no spread to estimate: NaN, not a misleading 0.
+  sd = jnp.std(samples, ddof=1) if num > 1 else jnp.full_like(samples[0],
+                                                               jnp.nan)
   return MonteCarloEstimate(jnp.mean(samples), sd / math.sqrt(num))
 
 
@@ -82,18 +89,21 @@ def escape_indicator(
   asked for 72 GB). ``method="stochastic"``
   averages ``eps^T H eps`` over ``eps ~ N(0, Sigma_sgd)`` drawn matrix-free
   (:func:`sgd_noise_sampler`, linearised once): one transposed linear pass
-  and one HVP per sample, one sample at a time (``PROBE_CHUNK``), and an
-  unbiased estimate whatever ``n`` is.
+  and one HVP per sample (vectorised by backend, ``probe_chunk``), and an
+  unbiased estimate whatever ``n`` is. With ``chunk_size`` every product is
+  summed chunk by chunk; ``"exact"`` then also takes the examples
+  ``chunk_size`` at a time (``chunk_size^2`` examples' activations at once).
 
   Args:
     loss_fn: ``loss_fn(params, batch) -> (n,)`` per-example losses.
     params: the point ``theta``.
-    batch: the estimation batch (``H`` and ``C`` are taken over it).
+    batch: the estimation batch (``H`` and ``C`` are taken over it), or an
+      :class:`anisonoise.Batches` stream (``"stochastic"`` only).
     batch_size: the SGD minibatch size ``m`` (default ``n``).
     method: ``"exact"`` or ``"stochastic"``.
     key: PRNG key (``"stochastic"`` only).
     num_samples: number of draws (``"stochastic"`` only).
-    chunk_size: examples per chunk (``"exact"`` only).
+    chunk_size: examples per chunk, for every pass.
 
   Returns:
     A scalar (``"exact"``) or a :class:`MonteCarloEstimate`.
@@ -109,33 +119,41 @@ def escape_indicator(
     Zhu et al., ICML 2019, Eqs. 11 and 13.
   """
   _check_batch_size(batch_size)
-  n = batching.check_loss_and_batch(loss_fn, params, batch, "escape_indicator")
+  batching.check_chunk_size(chunk_size)
+  if method not in ("exact", "stochastic"):
+    raise ValueError(
+        f"method must be 'exact' or 'stochastic', got {method!r}.")
+  n = sums.check_data(loss_fn, params, batch, "escape_indicator")
   m = n if batch_size is None else batch_size
-  h_op = curvature.hessian_operator(loss_fn, params, batch)
+  h_op = curvature.hessian_operator(loss_fn, params, batch,
+                                    chunk_size=chunk_size)
   if method == "exact":
-    covariance._check_chunk_size(chunk_size)
-    centred = covariance.centred_grad_fn(loss_fn, params, batch)
+    if isinstance(batch, sums.Batches):
+      raise ValueError(
+          "escape_indicator(method='exact') needs the batch in memory (it"
+          " takes one Hessian product per example); for a Batches stream"
+          " use method='stochastic' with a key.")
+    centred = covariance.centred_grad_fn(loss_fn, params, batch, chunk_size)
 
     def quad(example):
       g = centred(example)
       return optax.tree_utils.tree_vdot(g, h_op(g))
 
-    total = batching.map_chunks(quad, batch, chunk_size, reduce_sum=True)
+    nested = not sums.is_single_pass(batch, chunk_size)
+    total = batching.map_chunks(quad, batch, chunk_size, reduce_sum=True,
+                                unroll=False if nested else None)
     return total / (m * n)
-  if method != "stochastic":
-    raise ValueError(
-        f"method must be 'exact' or 'stochastic', got {method!r}.")
   _require_key(key, "escape_indicator(method='stochastic')")
   _check_num_samples(num_samples)
-
-  draw = covariance.sgd_noise_sampler(loss_fn, params, batch, batch_size=m)
+  draw = covariance.sgd_noise_sampler(loss_fn, params, batch, batch_size=m,
+                                      chunk_size=chunk_size)
 
   def one(k):
     eps = draw(k)
     return optax.tree_utils.tree_vdot(eps, h_op(eps))
 
-  samples = batching.map_chunks(one, jax.random.split(key, num_samples),
-                                covariance.PROBE_CHUNK)
+  samples = covariance.map_probes(one, jax.random.split(key, num_samples),
+                                  batch)
   return _mean_and_sem(samples)
 
 
@@ -147,20 +165,23 @@ def hessian_trace(
     method: str = "exact",
     key: jax.Array | None = None,
     num_probes: int = 100,
+    chunk_size: int | None = None,
 ) -> jax.Array | MonteCarloEstimate:
   """``Tr(H)``, exactly from ``D`` HVPs or by Hutchinson's estimator.
 
   ``method="exact"`` applies ``H`` to every unit vector (``D`` products: small
-  models only); ``method="hutchinson"`` averages ``v^T H v`` over Rademacher
-  probes and returns a :class:`MonteCarloEstimate`.
+  models only), built 64 at a time (no ``D x D`` identity is formed);
+  ``method="hutchinson"`` averages ``v^T H v`` over Rademacher probes and
+  returns a :class:`MonteCarloEstimate`.
 
   Args:
     loss_fn: ``loss_fn(params, batch) -> (n,)`` per-example losses.
     params: the point ``theta``.
-    batch: the estimation batch.
+    batch: the estimation batch, or an :class:`anisonoise.Batches` stream.
     method: ``"exact"`` or ``"hutchinson"``.
     key: PRNG key (``"hutchinson"`` only).
     num_probes: number of probes (``"hutchinson"`` only).
+    chunk_size: examples per chunk, for every Hessian product.
 
   Returns:
     A scalar, or a :class:`MonteCarloEstimate`.
@@ -172,29 +193,61 @@ def hessian_trace(
     >>> float(anisonoise.hessian_trace(loss_fn, jnp.zeros(2), batch))
     2.5
   """
-  batching.check_loss_and_batch(loss_fn, params, batch, "hessian_trace")
+  if method not in ("exact", "hutchinson"):
+    raise ValueError(
+        f"method must be 'exact' or 'hutchinson', got {method!r}.")
+  batching.check_chunk_size(chunk_size)
+  sums.check_data(loss_fn, params, batch, "hessian_trace")
   flat, unravel = ravel_pytree(params)
-  h_op = curvature.hessian_operator(loss_fn, params, batch)
+  h_op = curvature.hessian_operator(loss_fn, params, batch,
+                                    chunk_size=chunk_size)
 
   def quad(v):
     return jnp.vdot(v, ravel_pytree(h_op(unravel(v)))[0])
 
   if method == "exact":
-    eye = jnp.eye(flat.size, dtype=flat.dtype)
-    return jnp.sum(batching.map_chunks(quad, eye, 64))
-  if method != "hutchinson":
-    raise ValueError(
-        f"method must be 'exact' or 'hutchinson', got {method!r}.")
+    return _exact_hessian_trace(loss_fn, params, batch, chunk_size, h_op)
   _require_key(key, "hessian_trace(method='hutchinson')")
   _check_num_samples(num_probes)
-  probes = jax.random.rademacher(key, (num_probes, flat.size), flat.dtype)
-  return _mean_and_sem(batching.map_chunks(quad, probes,
-                                          covariance.PROBE_CHUNK))
+
+  def probe(k):
+    return quad(jax.random.rademacher(k, flat.shape, flat.dtype))
+
+  return _mean_and_sem(covariance.map_probes(
+      probe, jax.random.split(key, num_probes), batch))
 
 
-def _trace_h(loss_fn, params, batch, method, key, num_probes):
+_BASIS_CHUNK = 64
+
+
+def _exact_hessian_trace(loss_fn, params, batch, chunk_size, h_op):
+  """``sum_j e_j^T H e_j``, the unit vectors made ``_BASIS_CHUNK`` at a time."""
+  flat, unravel = ravel_pytree(params)
+  d = flat.size
+
+  def unit(j):
+    return unravel(jax.nn.one_hot(j, d, dtype=flat.dtype))
+
+  if not isinstance(batch, sums.Batches):
+    def diag_entry(j):
+      return ravel_pytree(h_op(unit(j)))[0][j]
+
+    return jnp.sum(batching.map_chunks(diag_entry, jnp.arange(d),
+                                       _BASIS_CHUNK, unroll=False))
+  n = batch.num_examples
+  total = jnp.zeros([], flat.dtype)
+  for start in range(0, d, _BASIS_CHUNK):
+    idx = jnp.arange(start, min(start + _BASIS_CHUNK, d))
+    hv = sums.total(sums.hvp_sum_many, loss_fn, chunk_size, params, batch,
+                    jax.vmap(unit)(idx))
+    rows = jax.vmap(lambda t: ravel_pytree(t)[0])(hv)
+    total = total + jnp.sum(rows[jnp.arange(idx.size), idx]) / n
+  return total
+
+
+def _trace_h(loss_fn, params, batch, method, key, num_probes, chunk_size):
   tr = hessian_trace(loss_fn, params, batch, method=method, key=key,
-                     num_probes=num_probes)
+                     num_probes=num_probes, chunk_size=chunk_size)
   return tr.mean if isinstance(tr, MonteCarloEstimate) else tr
 
 
@@ -223,12 +276,12 @@ def isotropic_escape_indicator(
   Args:
     loss_fn: ``loss_fn(params, batch) -> (n,)`` per-example losses.
     params: the point ``theta``.
-    batch: the estimation batch.
+    batch: the estimation batch, or an :class:`anisonoise.Batches` stream.
     batch_size: the SGD minibatch size ``m`` (default ``n``).
     hessian_trace_method: ``"exact"`` or ``"hutchinson"``.
     key: PRNG key for Hutchinson.
     num_probes: Hutchinson probes.
-    chunk_size: examples per chunk for ``Tr(C)``.
+    chunk_size: examples per chunk, for every pass.
 
   Returns:
     A scalar.
@@ -245,13 +298,12 @@ def isotropic_escape_indicator(
     Zhu et al., ICML 2019, Proposition 1.
   """
   _check_batch_size(batch_size)
-  n = batching.check_loss_and_batch(loss_fn, params, batch,
-                                    "isotropic_escape_indicator")
+  n = sums.check_data(loss_fn, params, batch, "isotropic_escape_indicator")
   m = n if batch_size is None else batch_size
   tr_sigma = covariance.covariance_trace(loss_fn, params, batch,
                                          chunk_size=chunk_size) / m
   tr_h = _trace_h(loss_fn, params, batch, hessian_trace_method, key,
-                  num_probes)
+                  num_probes, chunk_size)
   return tr_sigma * tr_h / batching.num_params(params)
 
 
@@ -313,12 +365,12 @@ def projection_coefficient(
   Args:
     loss_fn: ``loss_fn(params, batch) -> (n,)`` per-example losses.
     params: the point ``theta``.
-    batch: the estimation batch.
+    batch: the estimation batch, or an :class:`anisonoise.Batches` stream.
     key: PRNG key (Lanczos start; Hutchinson probes).
     num_iters: Lanczos iterations for ``(lambda_1, u_1)``.
     hessian_trace_method: ``"exact"`` (``D`` HVPs) or ``"hutchinson"``.
     num_probes: Hutchinson probes.
-    chunk_size: examples per chunk for ``Tr(C)``.
+    chunk_size: examples per chunk, for every pass.
 
   Returns:
     A scalar ``a``.
@@ -334,22 +386,23 @@ def projection_coefficient(
   References:
     Zhu et al., ICML 2019, Eq. 16 and Fig. 5.
   """
-  n = batching.check_loss_and_batch(loss_fn, params, batch,
-                                    "projection_coefficient")
+  batching.check_chunk_size(chunk_size)
+  sums.check_data(loss_fn, params, batch, "projection_coefficient")
   eig_key, tr_key = jax.random.split(key)
   d = batching.num_params(params)
   top = curvature.top_eigenpairs(
-      curvature.hessian_operator(loss_fn, params, batch), params, 1,
-      key=eig_key, num_iters=min(num_iters, d))
+      curvature.hessian_operator(loss_fn, params, batch,
+                                 chunk_size=chunk_size), params, 1,
+      key=eig_key, num_iters=min(num_iters, d),
+      unroll=True if isinstance(batch, sums.Batches) else None)
   u1 = jax.tree.map(lambda v: v[0], top.eigenvectors)
   lam1 = top.eigenvalues[0]
-  _, jvp_lin = jax.linearize(lambda p: loss_fn(p, batch), params)
-  gu = jvp_lin(u1)
-  u_c_u = jnp.sum(jnp.square(gu - jnp.mean(gu))) / n
+  u_c_u = covariance.quadratic_form(loss_fn, params, batch,
+                                    chunk_size=chunk_size)(u1)
   tr_c = covariance.covariance_trace(loss_fn, params, batch,
                                      chunk_size=chunk_size)
   tr_h = _trace_h(loss_fn, params, batch, hessian_trace_method, tr_key,
-                  num_probes)
+                  num_probes, chunk_size)
   return u_c_u * tr_h / (lam1 * tr_c)
 
 
@@ -377,9 +430,9 @@ def gradient_noise_norms(
   Args:
     loss_fn: ``loss_fn(params, batch) -> (n,)`` per-example losses.
     params: the point ``theta``.
-    batch: the estimation batch.
+    batch: the estimation batch, or an :class:`anisonoise.Batches` stream.
     batch_size: the SGD minibatch size ``m`` (default ``n``).
-    chunk_size: examples per chunk for the exact ``Tr(C)``.
+    chunk_size: examples per chunk, for every pass.
 
   Returns:
     A :class:`GradientNoiseNorms`.
@@ -393,10 +446,10 @@ def gradient_noise_norms(
     (2.0, 0.7071)
   """
   _check_batch_size(batch_size)
-  n = batching.check_loss_and_batch(loss_fn, params, batch,
-                                    "gradient_noise_norms")
+  batching.check_chunk_size(chunk_size)
+  n = sums.check_data(loss_fn, params, batch, "gradient_noise_norms")
   m = n if batch_size is None else batch_size
-  g = jax.grad(batching.mean_loss(loss_fn, batch))(params)
+  g = sums.mean_grad(loss_fn, params, batch, chunk_size=chunk_size, n=n)
   gnorm = jnp.sqrt(optax.tree_utils.tree_vdot(g, g))
   tr_c = covariance.covariance_trace(loss_fn, params, batch,
                                      chunk_size=chunk_size)
@@ -416,7 +469,8 @@ def expected_sharpness(
     key: jax.Array,
     delta: float = 0.01,
     num_samples: int = 1000,
-    chunk_size: int | None = 10,
+    samples_per_chunk: int = 10,
+    chunk_size: int | None = None,
 ) -> MonteCarloEstimate:
   """Expected sharpness ``E_nu[L(theta + nu)] - L(theta)`` (App. D.3, Eq. 88).
 
@@ -424,18 +478,23 @@ def expected_sharpness(
     \\frac{1}{M}\\sum_{j=1}^M L(\\theta + \\nu_j) - L(\\theta), \\quad
     \\nu_j \\sim N(0, \\delta^2 I)
 
-  The ``M`` perturbed losses are ``vmap``-ed in chunks of ``chunk_size``
-  (memory ``chunk_size`` copies of the activations: on the paper's LeNet
-  with 1,200 images, 10 take about 1.8 GB and 100 ran out of 24 GB).
+  The ``M`` perturbed losses are ``vmap``-ed ``samples_per_chunk`` at a time
+  (memory ``samples_per_chunk`` copies of the activations: on the paper's
+  LeNet with 1,200 images, 10 take about 1.8 GB and 100 ran out of 24 GB),
+  each over the examples ``chunk_size`` at a time. The ``nu_j`` depend on
+  ``key`` only, so evaluations with one key share them (common random
+  numbers).
 
   Args:
     loss_fn: ``loss_fn(params, batch) -> (n,)`` per-example losses.
     params: the point ``theta``.
-    batch: the batch on which ``L`` is the mean loss.
+    batch: the batch on which ``L`` is the mean loss, or an
+      :class:`anisonoise.Batches` stream.
     key: PRNG key.
     delta: perturbation standard deviation (> 0; the paper uses 0.01).
     num_samples: ``M`` (the paper uses 1,000).
-    chunk_size: perturbations evaluated at once (``None``: all).
+    samples_per_chunk: perturbations evaluated at once.
+    chunk_size: examples per chunk (``None``: all at once).
 
   Returns:
     A :class:`MonteCarloEstimate` of the sharpness.
@@ -456,18 +515,32 @@ def expected_sharpness(
   if not isinstance(delta, jax.core.Tracer) and not float(delta) > 0:
     raise ValueError(f"delta must be > 0, got {delta!r}.")
   _check_num_samples(num_samples)
-  covariance._check_chunk_size(chunk_size)
-  batching.check_loss_and_batch(loss_fn, params, batch, "expected_sharpness")
+  batching.check_positive_int("samples_per_chunk", samples_per_chunk)
+  batching.check_chunk_size(chunk_size)
+  n = sums.check_data(loss_fn, params, batch, "expected_sharpness")
   flat, unravel = ravel_pytree(params)
-  base = jnp.mean(loss_fn(params, batch))
+  base = sums.mean_loss_value(loss_fn, params, batch, chunk_size=chunk_size,
+                              n=n)
 
-  def perturbed(k):
-    nu = jax.random.normal(k, flat.shape, flat.dtype) * delta
-    return jnp.mean(loss_fn(unravel(flat + nu), batch)) - base
+  def perturbation(k):
+    return unravel(jax.random.normal(k, flat.shape, flat.dtype) * delta)
 
   keys = jax.random.split(key, num_samples)
+  if isinstance(batch, sums.Batches):
+    parts = []
+    for start in range(0, num_samples, samples_per_chunk):
+      noise = jax.vmap(perturbation)(keys[start:start + samples_per_chunk])
+      parts.append(sums.total(sums.perturbed_loss_sums, loss_fn, chunk_size,
+                              params, batch, noise) / n - base)
+    return _mean_and_sem(jnp.concatenate(parts))
+
+  def perturbed(k):
+    shifted = jax.tree.map(jnp.add, params, perturbation(k))
+    return sums.mean_loss_value(loss_fn, shifted, batch,
+                                chunk_size=chunk_size, n=n) - base
+
   # Forward passes only: a loop costs no time here and bounds the memory.
-  return _mean_and_sem(batching.map_chunks(perturbed, keys, chunk_size,
+  return _mean_and_sem(batching.map_chunks(perturbed, keys, samples_per_chunk,
                                            unroll=False))
 
 
@@ -492,20 +565,24 @@ def hessian_spectrum(
     key: jax.Array,
     num_iters: int | None = None,
     unroll: bool | None = None,
+    chunk_size: int | None = None,
 ) -> HessianSpectrum:
   """The top ``num_eigs`` eigenvalues of the Hessian (Fig. 5 left).
 
-  Lanczos with full reorthogonalisation on Hessian-vector products from one
-  linearisation; ``num_iters`` defaults to ``min(D, 2 num_eigs + 20)``.
+  Lanczos with full reorthogonalisation on Hessian-vector products (from one
+  linearisation, or chunk by chunk with ``chunk_size``); ``num_iters``
+  defaults to ``min(D, 2 num_eigs + 20)``.
 
   Args:
     loss_fn: ``loss_fn(params, batch) -> (n,)`` per-example losses.
     params: the point ``theta``.
-    batch: the estimation batch.
+    batch: the estimation batch, or an :class:`anisonoise.Batches` stream.
     num_eigs: how many eigenvalues (largest algebraic first).
     key: PRNG key for the start vector.
     num_iters: Krylov dimension.
-    unroll: see :func:`top_eigenpairs`.
+    unroll: see :func:`top_eigenpairs` (a stream always unrolls: its
+      products run eagerly).
+    chunk_size: examples per chunk, for every Hessian product.
 
   Returns:
     A :class:`HessianSpectrum`.
@@ -522,8 +599,11 @@ def hessian_spectrum(
   d = batching.num_params(params)
   if num_iters is None:
     num_iters = min(d, 2 * num_eigs + 20)
+  if isinstance(batch, sums.Batches):
+    unroll = True
   res = curvature.top_eigenpairs(
-      curvature.hessian_operator(loss_fn, params, batch), params, num_eigs,
+      curvature.hessian_operator(loss_fn, params, batch,
+                                 chunk_size=chunk_size), params, num_eigs,
       key=key, num_iters=num_iters, unroll=unroll)
   return HessianSpectrum(res.eigenvalues, res.residual_norms)
 
@@ -557,6 +637,7 @@ def spectral_density(
     num_iters: int = 60,
     grid_size: int = 1000,
     sigma: float | None = None,
+    chunk_size: int | None = None,
 ) -> SpectralDensity:
   """The Hessian eigenvalue density by stochastic Lanczos quadrature.
 
@@ -573,12 +654,13 @@ def spectral_density(
   Args:
     loss_fn: ``loss_fn(params, batch) -> (n,)`` per-example losses.
     params: the point ``theta``.
-    batch: the estimation batch.
+    batch: the estimation batch, or an :class:`anisonoise.Batches` stream.
     key: PRNG key for the probes.
     num_probes: number of probes ``P``.
     num_iters: Lanczos steps per probe ``m`` (at most ``D``).
     grid_size: number of grid points.
     sigma: smoothing width (default: 1% of the spectral range).
+    chunk_size: examples per chunk, for every Hessian product.
 
   Returns:
     A :class:`SpectralDensity`.
@@ -602,8 +684,11 @@ def spectral_density(
   d = flat.size
   if not 1 <= num_iters <= d:
     raise ValueError(f"num_iters must be in [1, D={d}], got {num_iters}.")
-  h_op = curvature.hessian_operator(loss_fn, params, batch)
-  unroll = num_iters <= curvature._UNROLL_LIMIT
+  batching.check_chunk_size(chunk_size)
+  h_op = curvature.hessian_operator(loss_fn, params, batch,
+                                    chunk_size=chunk_size)
+  unroll = (isinstance(batch, sums.Batches)
+            or curvature.default_lanczos_unroll(num_iters))
 
   def probe(k):
     v0 = jax.random.rademacher(k, (d,), flat.dtype)
@@ -612,8 +697,8 @@ def spectral_density(
     theta, y = jnp.linalg.eigh(curvature.tridiagonal(alphas, betas))
     return theta, jnp.square(y[0])
 
-  nodes, weights = batching.map_chunks(
-      probe, jax.random.split(key, num_probes), covariance.PROBE_CHUNK)
+  nodes, weights = covariance.map_probes(
+      probe, jax.random.split(key, num_probes), batch)
   lo, hi = jnp.min(nodes), jnp.max(nodes)
   span = jnp.maximum(hi - lo, 1e-12 * jnp.maximum(1.0, jnp.abs(hi)))
   width = 0.01 * span if sigma is None else jnp.asarray(sigma, flat.dtype)

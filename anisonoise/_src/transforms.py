@@ -386,7 +386,7 @@ def dynamic_isotropic_noise(
     trace_estimator: ``"exact"`` (per-example gradients) or ``"hutchinson"``
       (``num_probes`` forward-mode probes).
     num_probes: Hutchinson probes.
-    chunk_size: examples per chunk for the exact per-example gradients.
+    chunk_size: examples per chunk, for every pass over the batch.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; ``update`` needs extra
@@ -472,7 +472,7 @@ def diagonal_noise(
     trace: fixed target trace instead of ``batch_size``.
     refresh_every: re-estimate ``diag(C)`` every this many steps.
     key: int seed or PRNG key.
-    chunk_size: examples per chunk for the per-example gradients.
+    chunk_size: examples per chunk, for every pass over the batch.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; ``update`` needs extra
@@ -494,7 +494,7 @@ def diagonal_noise(
   """
   _check_magnitude(batch_size, trace)
   batching.check_positive_int("refresh_every", refresh_every)
-  covariance._check_chunk_size(chunk_size)
+  batching.check_chunk_size(chunk_size)
 
   def init_factor(params):
     dtype = jnp.result_type(*jax.tree.leaves(params))
@@ -571,8 +571,8 @@ def _low_rank_transform(
     d = batching.num_params(params)
     iters = None if num_iters is None else min(num_iters, d)
     res = curvature.top_eigenpairs(
-        operator(loss_fn, params, batch), params, k, key=eig_key,
-        num_iters=iters,
+        operator(loss_fn, params, batch, chunk_size=opts["chunk_size"]),
+        params, k, key=eig_key, num_iters=iters,
     )
     n = batching.num_examples(batch)
     if trace is None:
@@ -610,12 +610,14 @@ def _first_only(eigenvalues):
   return jnp.zeros_like(eigenvalues).at[0].set(1)
 
 
-def _covariance_op(loss_fn, params, batch):
-  return covariance.covariance_operator(loss_fn, params, batch)
+def _covariance_op(loss_fn, params, batch, chunk_size):
+  return covariance.covariance_operator(loss_fn, params, batch,
+                                        chunk_size=chunk_size)
 
 
-def _hessian_op(loss_fn, params, batch):
-  return curvature.hessian_operator(loss_fn, params, batch)
+def _hessian_op(loss_fn, params, batch, chunk_size):
+  return curvature.hessian_operator(loss_fn, params, batch,
+                                    chunk_size=chunk_size)
 
 
 _LOW_RANK_ARGS_DOC = """
@@ -630,7 +632,8 @@ _LOW_RANK_ARGS_DOC = """
       ``max(2k, k + 10)``, at most ``D``.
     trace_estimator: ``"exact"`` (per-example gradients) or ``"hutchinson"``.
     num_probes: Hutchinson probes.
-    chunk_size: examples per chunk for the exact trace.
+    chunk_size: examples per chunk, for every pass over the batch (the
+      trace and every product of the eigen-solve); ``None``: all at once.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; ``update`` needs extra
@@ -811,7 +814,8 @@ def sgd_noise(
     batch_size: the minibatch size ``m`` (default ``n``).
     trace: a fixed target trace instead of ``batch_size``.
     key: int seed or PRNG key.
-    chunk_size: examples per chunk for ``Tr(C)`` (only with ``trace``).
+    chunk_size: examples per chunk, for the draw (a backward pass chunk by
+      chunk, the same number) and ``Tr(C)``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; ``update`` needs extra
@@ -833,7 +837,7 @@ def sgd_noise(
     Zhu et al., ICML 2019, Eqs. 5-7.
   """
   _check_magnitude(batch_size, trace)
-  covariance._check_chunk_size(chunk_size)
+  batching.check_chunk_size(chunk_size)
   key0 = _canonical_key(key)
 
   def init_fn(params):
@@ -848,11 +852,13 @@ def sgd_noise(
     new_key, noise_key = jax.random.split(state.rng_key)
     if trace is None:
       eps = covariance.sample_sgd_noise(
-          loss_fn, params, batch, noise_key, batch_size=batch_size
+          loss_fn, params, batch, noise_key, batch_size=batch_size,
+          chunk_size=chunk_size,
       )
     else:
       eps = covariance.sample_sgd_noise(loss_fn, params, batch, noise_key,
-                                        batch_size=1)  # N(0, C)
+                                        batch_size=1,
+                                        chunk_size=chunk_size)  # N(0, C)
       tr_c = covariance.covariance_trace(loss_fn, params, batch,
                                          chunk_size=chunk_size)
       scale = _scale_to(jnp.asarray(trace, tr_c.dtype), tr_c)

@@ -1,0 +1,355 @@
+"""Sums over the examples: the one mechanism behind every pass over the data.
+
+Every quantity the library estimates is a sum over examples of a
+per-example term: the mean loss and gradient, ``H v``, ``C v``, ``G^T z``
+(an SGD-noise draw), ``sum_i (g_i - gbar)^2``. The kernels here compute
+such a sum over a batch held in memory, chunk by chunk
+(:func:`anisonoise.map_chunks`'s strided chunks, so a batch sharded over
+devices stays sharded and only the per-chunk sums are reduced), and
+:func:`total` adds them over a stream of batches (:class:`Batches`) when
+the data do not fit at once. Peak memory is set by ``chunk_size``, not by
+``n``.
+
+Kernels take ``(loss_fn, chunking, params, batch, *arrays)``; the first
+two are static, so that a stream calls one compiled program per batch
+shape, whatever the number of calls. ``chunking`` is a ``chunk_size`` (int
+or None) or a :class:`Chunking` that also fixes whether the chunks are
+unrolled: operators applied many times (``H v``, ``C v``, noise draws
+inside an unrolled Lanczos) loop over their chunks, so that the compiled
+program holds one copy of the model per product, not one per chunk.
+"""
+
+from __future__ import annotations
+
+import collections.abc
+import functools
+from typing import Any, Callable, Iterable, Iterator, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from anisonoise._src import batching
+from anisonoise._src.batching import Batch, LossFn, Params
+
+
+class Batches:
+  """A data set given as a stream of batches, for the offline diagnostics.
+
+  Pass ``anisonoise.Batches(source)`` wherever a diagnostic takes ``batch``
+  when the data do not fit on the device at once. Every product is then
+  accumulated over the stream, weighted by batch size (as PyHessian does
+  with a data loader), and the answer equals the one for the concatenated
+  batch. Each batch goes through one compiled program per batch shape
+  (further chunked by ``chunk_size`` when given); the diagnostic itself runs
+  eagerly, so call it outside ``jax.jit``.
+
+  Args:
+    source: a sequence of batches (each a pytree of arrays with the examples
+      along axis 0, all of one structure), or a zero-argument callable
+      returning a fresh iterator over them (a ``tfds.data_source``
+      wrapper, a grain loader). Several passes are made, so a one-shot
+      iterator is refused.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, anisonoise
+    >>> loss_fn = lambda w, b: 0.5 * (b['x'] @ w) ** 2
+    >>> x = jnp.diag(jnp.array([1., 2., 3., 4.]))
+    >>> stream = anisonoise.Batches([{'x': x[:3]}, {'x': x[3:]}])
+    >>> float(anisonoise.hessian_trace(loss_fn, jnp.zeros(4), stream))
+    7.5
+  """
+
+  def __init__(self, source: Iterable[Batch] | Callable[[], Iterator[Batch]]):
+    if isinstance(source, collections.abc.Iterator):
+      raise ValueError(
+          "Batches got a one-shot iterator; the diagnostics pass over the"
+          " data several times. Pass a sequence of batches (a list) or a"
+          " zero-argument callable that returns a fresh iterator, e.g."
+          " Batches(lambda: iter(loader))."
+      )
+    if not (callable(source) or isinstance(source, collections.abc.Iterable)):
+      raise ValueError(
+          "Batches needs a sequence of batches or a zero-argument callable"
+          f" returning an iterator over them, got {type(source).__name__}."
+      )
+    self._source = source
+    self._sizes: list[int] | None = None
+    self._treedef = None
+
+  def _iterate(self) -> Iterator[Batch]:
+    if callable(self._source) and not isinstance(
+        self._source, collections.abc.Iterable):
+      it = self._source()
+      if not isinstance(it, collections.abc.Iterator):
+        it = iter(it)
+      return it
+    return iter(self._source)
+
+  def __iter__(self) -> Iterator[Batch]:
+    """Yields the batches, checking each against the first pass."""
+    sizes = []
+    for i, batch in enumerate(self._iterate()):
+      treedef = jax.tree.structure(batch)
+      if self._treedef is None:
+        self._treedef = treedef
+      elif treedef != self._treedef:
+        raise ValueError(
+            f"Batches: batch {i} has pytree structure {treedef}, but the"
+            f" first batch has {self._treedef}; every batch must hold the"
+            " same leaves."
+        )
+      n = batching.num_examples(batch)
+      if self._sizes is not None and (
+          i >= len(self._sizes) or self._sizes[i] != n):
+        raise ValueError(
+            f"Batches: pass over the source gave batch {i} of {n} examples,"
+            " unlike the first pass; the source must give the same batches"
+            " on every pass (a fresh iterator over the same data)."
+        )
+      sizes.append(n)
+      yield batch
+    if not sizes:
+      raise ValueError("Batches: the source gave no batches.")
+    if self._sizes is None:
+      self._sizes = sizes
+    elif len(sizes) != len(self._sizes):
+      raise ValueError(
+          f"Batches: a pass gave {len(sizes)} batches, the first pass"
+          f" {len(self._sizes)}; the source must give the same batches on"
+          " every pass."
+      )
+
+  @property
+  def sizes(self) -> list[int]:
+    """Examples in each batch (one pass over the source the first time)."""
+    if self._sizes is None:
+      for _ in self:
+        pass
+    return list(self._sizes)
+
+  @property
+  def num_examples(self) -> int:
+    """``n``, the total number of examples in the stream."""
+    return sum(self.sizes)
+
+  def first(self) -> Batch:
+    """The first batch (for shape checks)."""
+    for batch in self._iterate():
+      return batch
+    raise ValueError("Batches: the source gave no batches.")
+
+
+def check_data(loss_fn: LossFn | None, params: Params, data: Any,
+               who: str) -> int:
+  """:func:`batching.check_loss_and_batch` for a batch or a stream; ``n``."""
+  if isinstance(data, Batches):
+    batching.check_loss_and_batch(loss_fn, params, data.first(), who)
+    return data.num_examples
+  return batching.check_loss_and_batch(loss_fn, params, data, who)
+
+
+def is_single_pass(data: Any, chunk_size: int | None) -> bool:
+  """True when the whole in-memory batch is one vectorised chunk."""
+  if isinstance(data, Batches):
+    return False
+  n = batching.num_examples(data)
+  return batching.chunk_plan(n, chunk_size,
+                             batching.example_shards(data)).num_chunks == 1
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted(kernel: Callable) -> Callable:
+  return jax.jit(kernel, static_argnums=(0, 1))
+
+
+def total(kernel: Callable, loss_fn: LossFn,
+          chunking: int | None | Chunking, params: Params, data: Any,
+          *arrays: Any, per_example: Any = None) -> Any:
+  """``kernel``'s sum over all examples of a batch or a :class:`Batches`.
+
+  ``per_example`` (a pytree of arrays with ``n`` rows, e.g. the Gaussian
+  weights of an SGD-noise draw) travels with the examples: the kernel gets
+  ``(batch, per_example)`` in place of ``batch``, sliced alike.
+  """
+  if not isinstance(data, Batches):
+    part = data if per_example is None else (data, per_example)
+    return kernel(loss_fn, chunking, params, part, *arrays)
+  run = _jitted(kernel)
+  out = None
+  offset = 0
+  for batch in data:
+    n = batching.num_examples(batch)
+    part = batch
+    if per_example is not None:
+      part = (batch, jax.tree.map(lambda x: x[offset:offset + n],
+                                  per_example))
+    offset += n
+    value = run(loss_fn, chunking, params, part, *arrays)
+    out = value if out is None else jax.tree.map(jnp.add, out, value)
+  return out
+
+
+def scale(tree: Any, factor: Any) -> Any:
+  """Every leaf times ``factor`` (kept in the leaf's dtype)."""
+  return jax.tree.map(lambda x: x * jnp.asarray(factor, x.dtype), tree)
+
+
+# --------------------------------------------------------------------------
+# Kernels: sums over the examples of a batch in memory, chunk by chunk.
+# --------------------------------------------------------------------------
+
+
+class Chunking(NamedTuple):
+  """A ``chunk_size`` and whether its chunks are unrolled (``None``: by
+  backend, :func:`anisonoise._src.batching.default_unroll`)."""
+
+  size: int | None
+  unroll: bool | None = None
+
+
+def looped(chunk_size: int | None) -> Chunking:
+  """Chunks looped over: for operators applied many times."""
+  return Chunking(chunk_size, False)
+
+
+def _fold(fn, xs, chunking):
+  if not isinstance(chunking, Chunking):
+    chunking = Chunking(chunking)
+  return batching.fold_chunks(fn, xs, chunking.size, unroll=chunking.unroll)
+
+
+def _weighted_losses(loss_fn, params, part, weights):
+  return batching.weighted_sum(loss_fn(params, part), weights)
+
+
+def loss_sum(loss_fn, chunking, params, batch):
+  """``sum_i l_i(theta)``."""
+  return _fold(
+      lambda part, w: _weighted_losses(loss_fn, params, part, w), batch,
+      chunking)
+
+
+def grad_sum(loss_fn, chunking, params, batch):
+  """``sum_i g_i``."""
+  return _fold(
+      lambda part, w: jax.grad(_weighted_losses, argnums=1)(
+          loss_fn, params, part, w), batch, chunking)
+
+
+def hvp_sum(loss_fn, chunking, params, batch, v):
+  """``sum_i (nabla^2 l_i) v``: forward-over-reverse on each chunk."""
+
+  def on(part, w):
+    grad = lambda p: jax.grad(_weighted_losses, argnums=1)(  # noqa: E731
+        loss_fn, p, part, w)
+    return jax.jvp(grad, (params,), (v,))[1]
+
+  return _fold(on, batch, chunking)
+
+
+def hvp_sum_many(loss_fn, chunking, params, batch, vs):
+  """:func:`hvp_sum` for a stack of vectors (leading axis)."""
+  return jax.vmap(lambda v: hvp_sum(loss_fn, chunking, params, batch, v))(vs)
+
+
+def covariance_sum(loss_fn, chunking, params, batch, v, gbar):
+  """``sum_i (g_i.v - gbar.v) g_i`` (``n C v``): one jvp and one vjp a chunk.
+
+  Centring with the known ``gbar.v`` keeps the sum exact in one pass, with
+  no ``E[uu] - E[u]^2`` cancellation.
+  """
+  u_bar = _tree_vdot(gbar, v)
+
+  def on(part, w):
+    losses, jvp_lin = jax.linearize(lambda p: loss_fn(p, part), params)
+    u = jvp_lin(v)
+    cot = u - u_bar.astype(u.dtype)
+    if w is not None:
+      cot = cot * w.astype(cot.dtype)
+    (out,) = jax.linear_transpose(jvp_lin, params)(
+        batching.match_sharding(cot, losses))
+    return out
+
+  return _fold(on, batch, chunking)
+
+
+def weighted_grad_sum(loss_fn, chunking, params, batch_and_z):
+  """``sum_i z_i g_i = G^T z`` for per-example weights ``z``: one vjp a
+  chunk (an SGD-noise draw when ``z`` is centred Gaussian)."""
+
+  def on(part, w):
+    b, z = part
+    losses, vjp_fn = jax.vjp(lambda p: loss_fn(p, b), params)
+    z = z.astype(losses.dtype)
+    if w is not None:
+      z = z * w.astype(z.dtype)
+    (out,) = vjp_fn(batching.match_sharding(z, losses))
+    return out
+
+  return _fold(on, batch_and_z, chunking)
+
+
+def centred_square_sum(loss_fn, chunking, params, batch, gbar):
+  """``sum_i (g_i - gbar)^2`` entrywise, from per-example gradients
+  vectorised a chunk at a time (``chunk_size x D`` floats at once)."""
+  grad_one = jax.grad(batching.single_example_loss(loss_fn))
+
+  def sq(example):
+    return jax.tree.map(lambda g, m: jnp.square(g - m),
+                        grad_one(params, example), gbar)
+
+  if not isinstance(chunking, Chunking):
+    chunking = Chunking(chunking)
+  return batching.map_chunks(sq, batch, chunking.size, reduce_sum=True,
+                             unroll=chunking.unroll)
+
+
+def centred_jvp_square_sum(loss_fn, chunking, params, batch, v, gbar):
+  """``sum_i (g_i.v - gbar.v)^2 = n v^T C v``: one jvp a chunk."""
+  u_bar = _tree_vdot(gbar, v)
+
+  def on(part, w):
+    u = jax.jvp(lambda p: loss_fn(p, part), (params,), (v,))[1]
+    return batching.weighted_sum(jnp.square(u - u_bar.astype(u.dtype)), w)
+
+  return _fold(on, batch, chunking)
+
+
+def perturbed_loss_sums(loss_fn, chunking, params, batch, noise):
+  """``sum_i l_i(theta + nu_s)`` for a stack of perturbations ``nu_s``."""
+
+  def on(part, w):
+    return jax.vmap(lambda nu: _weighted_losses(
+        loss_fn, jax.tree.map(jnp.add, params, nu), part, w))(noise)
+
+  return _fold(on, batch, chunking)
+
+
+def _tree_vdot(a, b):
+  leaves = [jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a),
+                                          jax.tree.leaves(b))]
+  return functools.reduce(jnp.add, leaves)
+
+
+# --------------------------------------------------------------------------
+# Means over a batch or a stream
+# --------------------------------------------------------------------------
+
+
+def mean_loss_value(loss_fn, params, data, *, chunk_size=None, n=None):
+  """``L(theta)``, the mean loss over a batch or stream."""
+  n = n if n is not None else num_examples(data)
+  return total(loss_sum, loss_fn, chunk_size, params, data) / n
+
+
+def mean_grad(loss_fn, params, data, *, chunk_size=None, n=None):
+  """``gbar``, the mean gradient over a batch or stream."""
+  n = n if n is not None else num_examples(data)
+  return scale(total(grad_sum, loss_fn, chunk_size, params, data), 1.0 / n)
+
+
+def num_examples(data: Any) -> int:
+  """``n`` of a batch or a :class:`Batches`."""
+  if isinstance(data, Batches):
+    return data.num_examples
+  return batching.num_examples(data)
