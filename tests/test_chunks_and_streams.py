@@ -81,9 +81,10 @@ def _split(batch, cuts):
 
 
 @pytest.mark.parametrize("name", sorted({**CALLS, **IN_MEMORY_ONLY}))
-@pytest.mark.parametrize("chunk_size", [7, 10])
+@pytest.mark.parametrize("chunk_size", [7])
 def test_chunked_equals_one_pass(name, chunk_size):
-  """7 pads the last chunk (masked copies), 10 divides n = 30."""
+  """7 of n = 30: 5 chunks of 6, strided (chunks that divide n are checked
+  on a mesh in test_multidevice.py; padded ones in the next tests)."""
   call = {**CALLS, **IN_MEMORY_ONLY}[name]
   loss_fn, params, batch = mlp_problem()
   _assert_tree_close(call(loss_fn, params, batch, chunk_size),

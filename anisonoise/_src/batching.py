@@ -226,6 +226,22 @@ def match_sharding(x: jax.Array, ref: jax.Array) -> jax.Array:
   return jax.sharding.reshard(x, sharding)
 
 
+def replicate(tree: Any) -> Any:
+  """Leaves on an Explicit mesh resharded to replicated (an all-gather);
+  anything else is returned unchanged (``jit`` places it)."""
+
+  def one(x):
+    sharding = jax.typeof(x).sharding
+    mesh = getattr(sharding, "mesh", None)
+    if mesh is None or not mesh._any_axis_explicit:  # pylint: disable=protected-access
+      return x
+    if all(s is None for s in sharding.spec):
+      return x
+    return jax.sharding.reshard(x, jax.P())
+
+  return jax.tree.map(one, tree)
+
+
 # --------------------------------------------------------------------------
 # Chunks
 # --------------------------------------------------------------------------

@@ -93,6 +93,9 @@ def escape_indicator(
   unbiased estimate whatever ``n`` is. With ``chunk_size`` every product is
   summed chunk by chunk; ``"exact"`` then also takes the examples
   ``chunk_size`` at a time (``chunk_size^2`` examples' activations at once).
+  On a device mesh ``"exact"`` all-gathers each chunk's centred per-example
+  gradients (``chunk_size x D`` floats) to apply the whole batch's ``H``;
+  ``"stochastic"`` reduces only products.
 
   Args:
     loss_fn: ``loss_fn(params, batch) -> (n,)`` per-example losses.
@@ -135,13 +138,17 @@ def escape_indicator(
           " use method='stochastic' with a key.")
     centred = covariance.centred_grad_fn(loss_fn, params, batch, chunk_size)
 
-    def quad(example):
-      g = centred(example)
-      return optax.tree_utils.tree_vdot(g, h_op(g))
+    def on_chunk(part, w):
+      # A chunk's centred gradients meet H of the whole batch: on a mesh
+      # they are all-gathered (chunk_size x D floats), the one exchange the
+      # exact method needs; method="stochastic" moves no gradients.
+      g = batching.replicate(jax.vmap(centred)(part))
+      quads = jax.vmap(lambda v: optax.tree_utils.tree_vdot(v, h_op(v)))(g)
+      return batching.weighted_sum(quads, w)
 
     nested = not sums.is_single_pass(batch, chunk_size)
-    total = batching.map_chunks(quad, batch, chunk_size, reduce_sum=True,
-                                unroll=False if nested else None)
+    total = batching.fold_chunks(on_chunk, batch, chunk_size,
+                                 unroll=False if nested else None)
     return total / (m * n)
   _require_key(key, "escape_indicator(method='stochastic')")
   _check_num_samples(num_samples)

@@ -1,0 +1,136 @@
+"""Runs every transform and diagnostic on one device and on a device mesh.
+
+Started by ``tests/test_multidevice.py`` in a subprocess with
+``XLA_FLAGS=--xla_force_host_platform_device_count=8`` (set before JAX
+starts), or by hand on a multi-GPU host. Prints one JSON object: for each
+case and mesh mode, the largest relative difference to the one-device run
+(float32) and the number of all-gather ops in the compiled program.
+"""
+
+import json
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import AxisType
+
+import anisonoise
+
+N, D_IN, HIDDEN, CLASSES = 64, 12, 32, 5
+CHUNK = 16  # 64 examples on 8 devices: 4 chunks of 16, 2 per device each
+
+
+def problem():
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(N, D_IN)).astype(np.float32)
+  y = rng.integers(0, CLASSES, N).astype(np.int32)
+  params = {
+      "w1": jnp.asarray(rng.normal(size=(D_IN, HIDDEN)) * 0.3, jnp.float32),
+      "b1": jnp.zeros(HIDDEN, jnp.float32),
+      "w2": jnp.asarray(rng.normal(size=(HIDDEN, CLASSES)) * 0.3,
+                        jnp.float32),
+  }
+
+  def loss_fn(p, b):
+    z = jnp.tanh(b["x"] @ p["w1"] + p["b1"]) @ p["w2"]
+    return optax.softmax_cross_entropy_with_integer_labels(z, b["y"])
+
+  return loss_fn, params, {"x": jnp.asarray(x), "y": jnp.asarray(y)}
+
+
+def transforms(chunk):
+  common = dict(batch_size=4, chunk_size=chunk)
+  return {
+      "isotropic_noise": anisonoise.isotropic_noise(1e-2),
+      "dynamic_isotropic_noise": anisonoise.dynamic_isotropic_noise(**common),
+      "dynamic_isotropic_noise_hutchinson":
+          anisonoise.dynamic_isotropic_noise(trace_estimator="hutchinson",
+                                             num_probes=4, **common),
+      "diagonal_noise": anisonoise.diagonal_noise(**common),
+      "leading_noise": anisonoise.leading_noise(3, num_iters=8, **common),
+      "hessian_noise": anisonoise.hessian_noise(3, num_iters=8, **common),
+      "hessian_eigvec_noise": anisonoise.hessian_eigvec_noise(num_iters=8,
+                                                              **common),
+      "sgd_noise": anisonoise.sgd_noise(**common),
+  }
+
+
+def diagnostics(loss_fn, chunk):
+  key = jax.random.key(1)
+  return {
+      "hessian_spectrum_top5": lambda p, b: anisonoise.hessian_spectrum(
+          loss_fn, p, b, num_eigs=5, num_iters=16, key=key,
+          chunk_size=chunk).eigenvalues,
+      "escape_indicator_exact": lambda p, b: anisonoise.escape_indicator(
+          loss_fn, p, b, batch_size=4, chunk_size=chunk),
+      "escape_indicator_stochastic": lambda p, b: anisonoise.escape_indicator(
+          loss_fn, p, b, batch_size=4, method="stochastic", key=key,
+          num_samples=4, chunk_size=chunk).mean,
+      "covariance_trace": lambda p, b: anisonoise.covariance_trace(
+          loss_fn, p, b, chunk_size=chunk),
+      # E[L(theta + nu)]: the sharpness is a small difference of losses,
+      # rounded in float32 as L is, so it is compared at L's scale.
+      "expected_sharpness": lambda p, b: anisonoise.expected_sharpness(
+          loss_fn, p, b, key=key, num_samples=8, chunk_size=chunk).mean
+                                         + jnp.mean(loss_fn(p, b)),
+  }
+
+
+def rel_diff(a, b):
+  worst = 0.0
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    if not jnp.issubdtype(jnp.asarray(y).dtype, jnp.floating):
+      continue
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    scale = max(np.abs(y).max(), 1e-30)
+    worst = max(worst, float(np.abs(x - y).max() / scale))
+  return worst
+
+
+def main():
+  assert jax.device_count() == 8, jax.devices()
+  loss_fn, params, batch = problem()
+  results = {}
+  cases = {}
+  for chunk in (None, CHUNK):
+    suffix = "" if chunk is None else f"@chunk{chunk}"
+    for name, tx in transforms(chunk).items():
+      def step(p, s, b, tx=tx):
+        g = jax.grad(lambda q: jnp.mean(loss_fn(q, b)))(p)
+        u, s = tx.update(g, s, p, loss_fn=loss_fn, batch=b)
+        return u, s
+      cases[name + suffix] = (step, lambda tx=tx: tx.init(params))
+    for name, fn in diagnostics(loss_fn, chunk).items():
+      cases[name + suffix] = (lambda p, s, b, fn=fn: fn(p, b), lambda: None)
+
+  reference = {name: jax.jit(step)(params, init(), batch)
+               for name, (step, init) in cases.items()}
+  # Auto axes: the unchunked cases (chunks are covered with Explicit axes).
+  for mode, axis_type in (("explicit", AxisType.Explicit),
+                          ("auto", AxisType.Auto)):
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(axis_type,))
+    sharded = jax.device_put(batch, jax.NamedSharding(mesh, jax.P("data")))
+    with jax.set_mesh(mesh):
+      for name, (step, init) in cases.items():
+        if mode == "auto" and "@chunk" in name:
+          continue
+        state = init()
+        start = time.perf_counter()
+        compiled = jax.jit(step).lower(params, state, sharded).compile()
+        out = compiled(params, state, sharded)
+        hlo = compiled.as_text()
+        results[f"{mode}/{name}"] = {
+            "rel_diff": rel_diff(out, reference[name]),
+            "all_gathers": hlo.count("all-gather-start") + hlo.count(
+                " all-gather("),
+            "all_reduces": hlo.count("all-reduce"),
+            "seconds": time.perf_counter() - start,
+        }
+  json.dump(results, sys.stdout)
+
+
+if __name__ == "__main__":
+  main()
