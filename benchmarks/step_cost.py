@@ -40,25 +40,24 @@ def mlp_problem(n=1200, d_in=784, hidden=64, seed=0):
   return _common.mlp_problem(x, rng.integers(0, 10, n), hidden, seed=seed)
 
 
-def dynamics(refresh):
+def dynamics(refresh, chunk_size=None, m=M, k=K):
+  """name -> (transform or None, matvecs per refresh of its floor)."""
+  common = dict(batch_size=m, refresh_every=refresh, chunk_size=chunk_size)
   return {
       "GD": (None, 0),
       "GLD const": (anisonoise.isotropic_noise(1e-3), 0),
-      "GLD dynamic": (anisonoise.dynamic_isotropic_noise(
-          batch_size=M, refresh_every=refresh), 0),
-      "GLD diag": (anisonoise.diagonal_noise(
-          batch_size=M, refresh_every=refresh), 0),
-      "GLD leading k=20": (anisonoise.leading_noise(
-          K, batch_size=M, refresh_every=refresh), K),
-      "GLD Hessian k=20": (anisonoise.hessian_noise(
-          K, batch_size=M, refresh_every=refresh), K),
-      "GLD 1st eigvec": (anisonoise.hessian_eigvec_noise(
-          batch_size=M, refresh_every=refresh), 1),
-      "GD + SGD noise": (anisonoise.sgd_noise(batch_size=M), 0),
+      "GLD dynamic": (anisonoise.dynamic_isotropic_noise(**common), 0),
+      "GLD diag": (anisonoise.diagonal_noise(**common), 0),
+      f"GLD leading k={k}": (anisonoise.leading_noise(k, **common), k),
+      f"GLD Hessian k={k}": (anisonoise.hessian_noise(k, **common), k),
+      "GLD 1st eigvec": (anisonoise.hessian_eigvec_noise(**common), 1),
+      "GD + SGD noise": (anisonoise.sgd_noise(batch_size=m,
+                                              chunk_size=chunk_size), 0),
   }
 
 
-def time_steps(loss_fn, params, batch, noise, steps, repeats):
+def make_step(loss_fn, noise):
+  """The jitted full-batch step: gradient, noise transform, ``sgd(0.07)``."""
   tx = optax.chain(noise, optax.sgd(0.07)) if noise else optax.sgd(0.07)
 
   @jax.jit
@@ -67,6 +66,12 @@ def time_steps(loss_fn, params, batch, noise, steps, repeats):
     updates, state = tx.update(grads, state, params, loss_fn=loss_fn,
                                batch=batch)
     return optax.apply_updates(params, updates), state
+
+  return tx, step
+
+
+def time_steps(loss_fn, params, batch, noise, steps, repeats):
+  tx, step = make_step(loss_fn, noise)
 
   def run(params, state, batch):
     # Consecutive jitted steps, as a training loop runs them: one refresh

@@ -1,24 +1,35 @@
 """Shared small models for dense float64 references.
 
-x64 is enabled for the whole suite so that references can be exact; tests that
-check float32 behaviour create float32 arrays explicitly.
+The suite runs in float32, as users do. Tests that compare against exact
+dense references switch float64 on for themselves through the ``x64``
+fixture (``pytestmark = pytest.mark.usefixtures("x64")`` for a module).
 """
 
 import gzip
 import struct
 
 import jax
-
-jax.config.update("jax_enable_x64", True)
-
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-from jax.flatten_util import ravel_pytree  # noqa: E402
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
 
 
-def linear_problem(n=40, d=8, seed=0, dtype=jnp.float64):
+@pytest.fixture
+def x64():
+  """float64 switched on for one test (and off again after it)."""
+  with jax.enable_x64(True):
+    yield
+
+
+def _float(dtype):
+  """``dtype``, or the widest float enabled (float64 under ``x64``)."""
+  return dtype or jax.dtypes.canonicalize_dtype(jnp.float64)
+
+
+def linear_problem(n=40, d=8, seed=0, dtype=None):
   """Least squares: l_i = 0.5 (x_i . w - y_i)^2, params a flat vector."""
+  dtype = _float(dtype)
   rng = np.random.default_rng(seed)
   x = rng.normal(size=(n, d)) * np.linspace(0.3, 2.0, d)
   y = x @ rng.normal(size=d) + rng.normal(size=n)
@@ -31,8 +42,9 @@ def linear_problem(n=40, d=8, seed=0, dtype=jnp.float64):
   return loss_fn, params, batch
 
 
-def logistic_problem(n=50, d=10, seed=1, dtype=jnp.float64):
+def logistic_problem(n=50, d=10, seed=1, dtype=None):
   """Logistic regression with a dict of params (weights and bias)."""
+  dtype = _float(dtype)
   rng = np.random.default_rng(seed)
   x = rng.normal(size=(n, d))
   y = (x[:, 0] + 0.5 * rng.normal(size=n) > 0).astype(float)
@@ -48,8 +60,9 @@ def logistic_problem(n=50, d=10, seed=1, dtype=jnp.float64):
 
 
 def mlp_problem(n=30, d_in=5, hidden=16, classes=3, seed=2,
-                dtype=jnp.float64):
+                dtype=None):
   """Tiny tanh MLP with softmax cross entropy; nested params, D = 147."""
+  dtype = _float(dtype)
   rng = np.random.default_rng(seed)
   x = rng.normal(size=(n, d_in))
   y = rng.integers(0, classes, size=n)
@@ -88,7 +101,8 @@ def dense_reference(loss_fn, params, batch):
 
 
 @pytest.fixture(params=sorted(PROBLEMS))
-def problem(request):
+def problem(request, x64):
+  del x64
   return PROBLEMS[request.param]()
 
 

@@ -10,6 +10,8 @@ from flax import nnx
 import anisonoise
 from conftest import logistic_problem, mlp_problem
 
+pytestmark = pytest.mark.usefixtures("x64")
+
 FACTORIES = {
     "isotropic_noise": lambda: anisonoise.isotropic_noise(1e-2),
     "dynamic_isotropic_noise": lambda: anisonoise.dynamic_isotropic_noise(

@@ -9,6 +9,8 @@ import scipy.linalg
 import anisonoise
 from conftest import dense_reference, linear_problem, mlp_problem
 
+pytestmark = pytest.mark.usefixtures("x64")
+
 M = 5
 
 

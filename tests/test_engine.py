@@ -9,6 +9,8 @@ from jax.flatten_util import ravel_pytree
 import anisonoise
 from conftest import dense_reference, linear_problem, mlp_problem
 
+pytestmark = pytest.mark.usefixtures("x64")
+
 
 def _flat(tree):
   return np.asarray(ravel_pytree(tree)[0])

@@ -70,3 +70,39 @@ def test_fig4_small_run(tmp_path, monkeypatch):
   import matplotlib.image
   img = matplotlib.image.imread(tmp_path / "fig4.png")
   assert img.ndim == 3 and img.std() > 0.01
+
+
+def test_data_parallel_example_on_8_devices(tmp_path):
+  """The example runs unchanged on 8 forced CPU devices (a subprocess:
+  the device count is fixed when JAX starts), on IDX files in the standard
+  format."""
+  import subprocess
+
+  from conftest import write_fake_split
+  write_fake_split(tmp_path, "train", 64)
+  script = os.path.join(os.path.dirname(__file__), "..", "examples",
+                        "data_parallel.py")
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  proc = subprocess.run(
+      [sys.executable, script, "--steps", "3", "--n", "64", "--k", "2",
+       "--refresh-every", "2", "--chunk-size", "16", "--data-dir",
+       str(tmp_path), "--out", str(tmp_path / "out")],
+      env=env, capture_output=True, text=True, timeout=600, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "8 cpu devices" in proc.stdout
+  rec = json.load(open(tmp_path / "out" / "data_parallel.json"))
+  assert rec["devices"] == 8 and len(rec["history"]) == 3
+  for row in rec["history"]:
+    assert np.isfinite(row["loss"]) and row["trace"] > 0
+    assert row["eigenvalues"][0] >= row["eigenvalues"][1]
+  # Refreshed at steps 0 and 2, cached at step 1.
+  h = rec["history"]
+  assert h[1]["eigenvalues"] == h[0]["eigenvalues"]
+  assert h[2]["eigenvalues"] != h[1]["eigenvalues"]
+  # A batch the devices cannot share evenly: a clear error.
+  bad = subprocess.run(
+      [sys.executable, script, "--steps", "1", "--n", "60", "--data-dir",
+       str(tmp_path)], env=env, capture_output=True, text=True, timeout=600,
+      check=False)
+  assert bad.returncode != 0 and "multiple of 8" in bad.stderr

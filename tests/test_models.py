@@ -15,7 +15,7 @@ def test_lenet_has_the_papers_parameter_count():
   assert num_params(LeNet(nnx.Rngs(0))) == LENET_NUM_PARAMS == 11_330
 
 
-def test_patches_formulation_matches_xla_convolutions():
+def test_patches_formulation_matches_xla_convolutions(x64):
   model = LeNet(nnx.Rngs(0), std=0.3)
   graphdef, params = nnx.split(model, nnx.Param)
   params = jax.tree.map(lambda x: x.astype(jnp.float64), params)  # exact
@@ -44,3 +44,25 @@ def test_patches_formulation_matches_xla_convolutions():
 def test_lenet_rejects_wrong_input_shape():
   with pytest.raises(ValueError, match=r"images \(n, 28, 28, 1\) or patches"):
     LeNet(nnx.Rngs(0))(jnp.zeros((2, 28, 28)))
+
+
+def test_vgg11_has_the_papers_parameter_count_and_split():
+  from anisonoise.models import VGG11, VGG11_NUM_PARAMS
+  model = VGG11(10, rngs=nnx.Rngs(0))
+  assert num_params(model) == VGG11_NUM_PARAMS == 9_750_922
+  convs = sum(c.kernel.size + c.bias.size for c in model.convs)
+  assert convs == 9_220_480 and len(model.convs) == 8
+  assert num_params(model) - convs == 530_442
+  assert num_params(VGG11(100, rngs=nnx.Rngs(0))) == 9_750_922 + 90 * 513
+
+
+def test_vgg11_forward_and_shape_error():
+  from anisonoise.models import VGG11
+  model = VGG11(10, rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(0), (3, 32, 32, 3))
+  logits = model(x)
+  assert logits.shape == (3, 10) and bool(jnp.all(jnp.isfinite(logits)))
+  # He initialisation keeps the signal alive through 8 ReLU convolutions.
+  assert float(jnp.std(logits)) > 1e-3
+  with pytest.raises(ValueError, match=r"\(n, 32, 32, 3\)"):
+    model(jnp.zeros((2, 28, 28, 1)))

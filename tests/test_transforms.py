@@ -11,6 +11,8 @@ from jax.flatten_util import ravel_pytree
 import anisonoise
 from conftest import dense_reference, linear_problem
 
+pytestmark = pytest.mark.usefixtures("x64")
+
 NUM_DRAWS = 20000
 M = 4  # SGD minibatch size whose noise trace is matched
 K = 3
@@ -57,8 +59,11 @@ def _targets(loss_fn, params, batch):
 
 @functools.lru_cache(maxsize=None)
 def _problem_and_targets():
-  loss_fn, params, batch = linear_problem()
-  return loss_fn, params, batch, _targets(loss_fn, params, batch)
+  """The float64 problem and its dense targets (built with float64 on,
+  also when called at collection time)."""
+  with jax.enable_x64(True):
+    loss_fn, params, batch = linear_problem()
+    return loss_fn, params, batch, _targets(loss_fn, params, batch)
 
 
 def _draws(tx, loss_fn, params, batch, num, seed=0):
@@ -79,7 +84,24 @@ def _draws(tx, loss_fn, params, batch, num, seed=0):
 def test_sample_covariance_matches_target(name):
   loss_fn, params, batch, targets = _problem_and_targets()
   tx, target = targets[name]
-  x = _draws(tx, loss_fn, params, batch, NUM_DRAWS)
+  _check_covariance(_draws(tx, loss_fn, params, batch, NUM_DRAWS), target)
+
+
+@pytest.mark.parametrize("name", ["dynamic", "diagonal", "leading",
+                                  "hessian", "eigvec", "sgd"])
+def test_float32_sample_covariance_matches_target(name):
+  """float32 end to end (float64 off, as users run): the same statistics
+  against the float64 targets (the problems differ by float32 rounding of
+  the data, ~1e-7 relative, far below the tolerance)."""
+  tx, target = _problem_and_targets()[3][name]
+  with jax.enable_x64(False):
+    loss_fn, params, batch = linear_problem(dtype=jnp.float32)
+    x = _draws(tx, loss_fn, params, batch, NUM_DRAWS)
+  assert x.dtype == np.float32
+  _check_covariance(x.astype(np.float64), target)
+
+
+def _check_covariance(x, target):
   s = x.T @ x / NUM_DRAWS
   # Gaussian draws: E||S - Sigma||_F^2 = (Tr(Sigma)^2 + ||Sigma||_F^2) / N,
   # Var(Tr S) = 2 ||Sigma||_F^2 / N.

@@ -142,35 +142,19 @@ def check_positive_int(name: str, value: Any) -> None:
     raise ValueError(f"{name} must be an int >= 1, got {value!r}.")
 
 
-# Chunks unrolled at trace time, rather than looped over, on a CPU.
-# Measured on the 2-core CPU (jax 0.10.2, 16 Hessian-vector products of
-# LeNet on 1,200 images): with ``lax.conv`` layers they took 2.3 s unrolled
-# and 2.6 s as one vmap, but 36 s under ``lax.map(batch_size=4)`` and 19 s
-# under ``lax.scan(unroll=4)``: XLA:CPU runs convolutions inside loop bodies
-# (and conditionals) several times slower. Without convolution ops (the
-# library's LeNet since) the loop costs nothing (2.4 s under
-# ``lax.scan(unroll=4)``, 2.6 s unrolled). Forward passes alone lose
-# nothing in a loop (200 perturbed LeNet losses: 17.4 s looped, 19.1 s
-# unrolled) and unrolling holds more memory (7.5 GB against 1.8 GB there),
-# so callers with forward-only work pass unroll=False, and so do operators
-# applied many times (their chunks sit inside an unrolled Lanczos: 40 steps
-# of 32 unrolled chunks would compile 1,280 copies of the model). On GPUs
-# and TPUs the default is a loop: it compiles once, whatever the number of
-# chunks, and the loop penalty above is an XLA:CPU fact.
-MAX_UNROLLED_CHUNKS = 32
-
-
-def default_unroll(num_chunks: int) -> bool:
-  """Whether ``num_chunks`` chunks are unrolled by default on this backend.
-
-  On a CPU, up to :data:`MAX_UNROLLED_CHUNKS` chunks are unrolled (XLA:CPU
-  runs convolutions inside loops several times slower); on any other
-  backend the chunks are looped over (``lax.scan``), which compiles the body
-  once: a VGG11 step with 32 unrolled chunks would compile 32 copies.
-  """
-  if jax.default_backend() != "cpu":
-    return num_chunks <= 1
-  return num_chunks <= MAX_UNROLLED_CHUNKS
+# Chunks are looped over (``lax.scan``) unless a caller asks otherwise: only
+# a loop guarantees that one chunk's intermediates are alive at a time.
+# Unrolled, XLA:CPU merged the chunks back into one pass: exact Tr(C) of an
+# MLP with D = 2,035,210 on n = 4,096 examples in 16 unrolled chunks of 256
+# asked for one 35 GB allocation (the n x D per-example gradients the
+# chunks exist to avoid). A loop also compiles the body once, whatever the
+# number of chunks (a VGG11 step, a Lanczos of many products). The price is
+# an XLA:CPU one: convolutions inside loop bodies run several times slower
+# there (16 Hessian-vector products of LeNet on 1,200 images with
+# ``lax.conv`` layers: 2.3 s unrolled, 19 s under ``lax.scan(unroll=4)``);
+# without convolution ops (the library's LeNet) the loop costs nothing
+# (2.4 s looped, 2.6 s unrolled). ``map_chunks(..., unroll=True)`` remains
+# for callers who measured that they gain from it.
 
 
 def check_chunk_size(chunk_size: int | None) -> None:
@@ -320,7 +304,7 @@ def fold_chunks(
     xs: Any,
     chunk_size: int | None,
     *,
-    unroll: bool | None = None,
+    unroll: bool = False,
     dtype: Any = None,
 ) -> Any:
   """``sum_j fn(chunk_j, weights_j)`` over the chunks of ``xs``.
@@ -334,8 +318,8 @@ def fold_chunks(
     fn: ``(chunk, weights) -> pytree``.
     xs: pytree of arrays sharing a leading axis of size ``n``.
     chunk_size: entries per chunk.
-    unroll: unroll the chunks at trace time or loop (``lax.scan``); ``None``
-      chooses by backend (:func:`default_unroll`).
+    unroll: unroll the chunks at trace time (``True``) or loop over them
+      (``False``, the default: one chunk in memory at a time).
     dtype: dtype of the weights (default: that of the first float leaf).
 
   Returns:
@@ -354,9 +338,6 @@ def fold_chunks(
   if plan.pad:
     weights = to_chunks((jnp.arange(n + plan.pad) < n).astype(dtype),
                         ChunkPlan(n + plan.pad, plan.num_chunks, plan.size, 0))
-  if unroll is None:
-    unroll = default_unroll(plan.num_chunks)
-
   def add(a, b):
     return jax.tree.map(jnp.add, a, b)
 
@@ -384,23 +365,24 @@ def weighted_sum(values: jax.Array, weights: jax.Array | None) -> jax.Array:
 
 def map_chunks(
     fn: Callable, xs: Any, chunk_size: int | None = None, *,
-    reduce_sum: bool = False, unroll: bool | None = None,
+    reduce_sum: bool = False, unroll: bool = False,
 ) -> Any:
   """``fn`` on every entry along axis 0 of ``xs``, vmapped chunk by chunk.
 
   ``chunk_size`` entries are vectorised at once (``None``: all), which bounds
   memory. Chunks are strided (:class:`ChunkPlan`), so a batch sharded along
   its example axis stays sharded; the outputs come back in the order of
-  ``xs``. Whether the chunks are unrolled or looped over is chosen by
-  backend (:func:`default_unroll`).
+  ``xs``. The chunks are looped over, one in memory at a time (see the
+  measurement above ``check_chunk_size``).
 
   Args:
     fn: function of one entry (a pytree slice without the leading axis).
     xs: pytree of arrays (or PRNG keys) sharing a leading axis.
     chunk_size: entries per vectorised chunk.
     reduce_sum: return ``sum_i fn(x_i)`` instead of the stacked outputs.
-    unroll: unroll the chunks (``True``) or loop over them (``False``);
-      ``None`` chooses by backend.
+    unroll: unroll the chunks at trace time (``True``) instead of looping
+      (``False``): faster for convolutions on XLA:CPU, but XLA may then
+      hold several chunks at once.
 
   Returns:
     The stacked outputs (leading axis as ``xs``), or their sum.
@@ -420,8 +402,6 @@ def map_chunks(
   if plan.num_chunks == 1:
     return jax.vmap(fn)(xs)
   parts = to_chunks(xs, plan)
-  if unroll is None:
-    unroll = default_unroll(plan.num_chunks)
   if unroll:
     outs = [jax.vmap(fn)(jax.tree.map(lambda x: x[j], parts))
             for j in range(plan.num_chunks)]

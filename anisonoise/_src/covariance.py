@@ -255,7 +255,7 @@ def quadratic_form(
     return form
   gbar = sums.mean_grad(loss_fn, params, batch, chunk_size=chunk_size, n=n)
   return lambda v: sums.total(sums.centred_jvp_square_sum, loss_fn,
-                              sums.looped(chunk_size), params, batch, v,
+                              chunk_size, params, batch, v,
                               gbar) / n
 
 
@@ -297,7 +297,7 @@ def covariance_operator(
   if not sums.is_single_pass(batch, chunk_size):
     gbar = sums.mean_grad(loss_fn, params, batch, chunk_size=chunk_size, n=n)
     return lambda v: sums.scale(sums.total(
-        sums.covariance_sum, loss_fn, sums.looped(chunk_size), params, batch,
+        sums.covariance_sum, loss_fn, chunk_size, params, batch,
         v, gbar),
                                 1.0 / n)
   losses, jvp_lin = jax.linearize(lambda p: loss_fn(p, batch), params)
@@ -373,7 +373,7 @@ def _chunked_noise(loss_fn, params, batch, key, n, m, chunk_size):
   ``z`` as the one-pass draw, so the same number."""
   dtype = jnp.result_type(*jax.tree.leaves(params))
   z = _centred_normal(key, n, m, dtype)
-  return sums.total(sums.weighted_grad_sum, loss_fn, sums.looped(chunk_size),
+  return sums.total(sums.weighted_grad_sum, loss_fn, chunk_size,
                     params, batch, per_example=z)
 
 

@@ -117,7 +117,7 @@ def hessian_operator(loss_fn: LossFn, params: Params, batch: Batch, *,
       return jax.linearize(grad_fn, params)[1]
     return lambda v: jax.jvp(grad_fn, (params,), (v,))[1]
   return lambda v: sums.scale(
-      sums.total(sums.hvp_sum, loss_fn, sums.looped(chunk_size), params,
+      sums.total(sums.hvp_sum, loss_fn, chunk_size, params,
                  batch, v),
       1.0 / n)
 

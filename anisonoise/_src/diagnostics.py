@@ -146,9 +146,7 @@ def escape_indicator(
       quads = jax.vmap(lambda v: optax.tree_utils.tree_vdot(v, h_op(v)))(g)
       return batching.weighted_sum(quads, w)
 
-    nested = not sums.is_single_pass(batch, chunk_size)
-    total = batching.fold_chunks(on_chunk, batch, chunk_size,
-                                 unroll=False if nested else None)
+    total = batching.fold_chunks(on_chunk, batch, chunk_size)
     return total / (m * n)
   _require_key(key, "escape_indicator(method='stochastic')")
   _check_num_samples(num_samples)

@@ -10,20 +10,16 @@ devices stays sharded and only the per-chunk sums are reduced), and
 the data do not fit at once. Peak memory is set by ``chunk_size``, not by
 ``n``.
 
-Kernels take ``(loss_fn, chunking, params, batch, *arrays)``; the first
+Kernels take ``(loss_fn, chunk_size, params, batch, *arrays)``; the first
 two are static, so that a stream calls one compiled program per batch
-shape, whatever the number of calls. ``chunking`` is a ``chunk_size`` (int
-or None) or a :class:`Chunking` that also fixes whether the chunks are
-unrolled: operators applied many times (``H v``, ``C v``, noise draws
-inside an unrolled Lanczos) loop over their chunks, so that the compiled
-program holds one copy of the model per product, not one per chunk.
+shape, whatever the number of calls.
 """
 
 from __future__ import annotations
 
 import collections.abc
 import functools
-from typing import Any, Callable, Iterable, Iterator, NamedTuple
+from typing import Any, Callable, Iterable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -162,9 +158,9 @@ def _jitted(kernel: Callable) -> Callable:
   return jax.jit(kernel, static_argnums=(0, 1))
 
 
-def total(kernel: Callable, loss_fn: LossFn,
-          chunking: int | None | Chunking, params: Params, data: Any,
-          *arrays: Any, per_example: Any = None) -> Any:
+def total(kernel: Callable, loss_fn: LossFn, chunk_size: int | None,
+          params: Params, data: Any, *arrays: Any,
+          per_example: Any = None) -> Any:
   """``kernel``'s sum over all examples of a batch or a :class:`Batches`.
 
   ``per_example`` (a pytree of arrays with ``n`` rows, e.g. the Gaussian
@@ -173,7 +169,7 @@ def total(kernel: Callable, loss_fn: LossFn,
   """
   if not isinstance(data, Batches):
     part = data if per_example is None else (data, per_example)
-    return kernel(loss_fn, chunking, params, part, *arrays)
+    return kernel(loss_fn, chunk_size, params, part, *arrays)
   run = _jitted(kernel)
   out = None
   offset = 0
@@ -184,7 +180,7 @@ def total(kernel: Callable, loss_fn: LossFn,
       part = (batch, jax.tree.map(lambda x: x[offset:offset + n],
                                   per_example))
     offset += n
-    value = run(loss_fn, chunking, params, part, *arrays)
+    value = run(loss_fn, chunk_size, params, part, *arrays)
     out = value if out is None else jax.tree.map(jnp.add, out, value)
   return out
 
@@ -199,44 +195,25 @@ def scale(tree: Any, factor: Any) -> Any:
 # --------------------------------------------------------------------------
 
 
-class Chunking(NamedTuple):
-  """A ``chunk_size`` and whether its chunks are unrolled (``None``: by
-  backend, :func:`anisonoise._src.batching.default_unroll`)."""
-
-  size: int | None
-  unroll: bool | None = None
-
-
-def looped(chunk_size: int | None) -> Chunking:
-  """Chunks looped over: for operators applied many times."""
-  return Chunking(chunk_size, False)
-
-
-def _fold(fn, xs, chunking):
-  if not isinstance(chunking, Chunking):
-    chunking = Chunking(chunking)
-  return batching.fold_chunks(fn, xs, chunking.size, unroll=chunking.unroll)
-
-
 def _weighted_losses(loss_fn, params, part, weights):
   return batching.weighted_sum(loss_fn(params, part), weights)
 
 
-def loss_sum(loss_fn, chunking, params, batch):
+def loss_sum(loss_fn, chunk_size, params, batch):
   """``sum_i l_i(theta)``."""
-  return _fold(
+  return batching.fold_chunks(
       lambda part, w: _weighted_losses(loss_fn, params, part, w), batch,
-      chunking)
+      chunk_size)
 
 
-def grad_sum(loss_fn, chunking, params, batch):
+def grad_sum(loss_fn, chunk_size, params, batch):
   """``sum_i g_i``."""
-  return _fold(
+  return batching.fold_chunks(
       lambda part, w: jax.grad(_weighted_losses, argnums=1)(
-          loss_fn, params, part, w), batch, chunking)
+          loss_fn, params, part, w), batch, chunk_size)
 
 
-def hvp_sum(loss_fn, chunking, params, batch, v):
+def hvp_sum(loss_fn, chunk_size, params, batch, v):
   """``sum_i (nabla^2 l_i) v``: forward-over-reverse on each chunk."""
 
   def on(part, w):
@@ -244,15 +221,15 @@ def hvp_sum(loss_fn, chunking, params, batch, v):
         loss_fn, p, part, w)
     return jax.jvp(grad, (params,), (v,))[1]
 
-  return _fold(on, batch, chunking)
+  return batching.fold_chunks(on, batch, chunk_size)
 
 
-def hvp_sum_many(loss_fn, chunking, params, batch, vs):
+def hvp_sum_many(loss_fn, chunk_size, params, batch, vs):
   """:func:`hvp_sum` for a stack of vectors (leading axis)."""
-  return jax.vmap(lambda v: hvp_sum(loss_fn, chunking, params, batch, v))(vs)
+  return jax.vmap(lambda v: hvp_sum(loss_fn, chunk_size, params, batch, v))(vs)
 
 
-def covariance_sum(loss_fn, chunking, params, batch, v, gbar):
+def covariance_sum(loss_fn, chunk_size, params, batch, v, gbar):
   """``sum_i (g_i.v - gbar.v) g_i`` (``n C v``): one jvp and one vjp a chunk.
 
   Centring with the known ``gbar.v`` keeps the sum exact in one pass, with
@@ -270,10 +247,10 @@ def covariance_sum(loss_fn, chunking, params, batch, v, gbar):
         batching.match_sharding(cot, losses))
     return out
 
-  return _fold(on, batch, chunking)
+  return batching.fold_chunks(on, batch, chunk_size)
 
 
-def weighted_grad_sum(loss_fn, chunking, params, batch_and_z):
+def weighted_grad_sum(loss_fn, chunk_size, params, batch_and_z):
   """``sum_i z_i g_i = G^T z`` for per-example weights ``z``: one vjp a
   chunk (an SGD-noise draw when ``z`` is centred Gaussian)."""
 
@@ -286,10 +263,10 @@ def weighted_grad_sum(loss_fn, chunking, params, batch_and_z):
     (out,) = vjp_fn(batching.match_sharding(z, losses))
     return out
 
-  return _fold(on, batch_and_z, chunking)
+  return batching.fold_chunks(on, batch_and_z, chunk_size)
 
 
-def centred_square_sum(loss_fn, chunking, params, batch, gbar):
+def centred_square_sum(loss_fn, chunk_size, params, batch, gbar):
   """``sum_i (g_i - gbar)^2`` entrywise, from per-example gradients
   vectorised a chunk at a time (``chunk_size x D`` floats at once)."""
   grad_one = jax.grad(batching.single_example_loss(loss_fn))
@@ -298,13 +275,10 @@ def centred_square_sum(loss_fn, chunking, params, batch, gbar):
     return jax.tree.map(lambda g, m: jnp.square(g - m),
                         grad_one(params, example), gbar)
 
-  if not isinstance(chunking, Chunking):
-    chunking = Chunking(chunking)
-  return batching.map_chunks(sq, batch, chunking.size, reduce_sum=True,
-                             unroll=chunking.unroll)
+  return batching.map_chunks(sq, batch, chunk_size, reduce_sum=True)
 
 
-def centred_jvp_square_sum(loss_fn, chunking, params, batch, v, gbar):
+def centred_jvp_square_sum(loss_fn, chunk_size, params, batch, v, gbar):
   """``sum_i (g_i.v - gbar.v)^2 = n v^T C v``: one jvp a chunk."""
   u_bar = _tree_vdot(gbar, v)
 
@@ -312,17 +286,17 @@ def centred_jvp_square_sum(loss_fn, chunking, params, batch, v, gbar):
     u = jax.jvp(lambda p: loss_fn(p, part), (params,), (v,))[1]
     return batching.weighted_sum(jnp.square(u - u_bar.astype(u.dtype)), w)
 
-  return _fold(on, batch, chunking)
+  return batching.fold_chunks(on, batch, chunk_size)
 
 
-def perturbed_loss_sums(loss_fn, chunking, params, batch, noise):
+def perturbed_loss_sums(loss_fn, chunk_size, params, batch, noise):
   """``sum_i l_i(theta + nu_s)`` for a stack of perturbations ``nu_s``."""
 
   def on(part, w):
     return jax.vmap(lambda nu: _weighted_losses(
         loss_fn, jax.tree.map(jnp.add, params, nu), part, w))(noise)
 
-  return _fold(on, batch, chunking)
+  return batching.fold_chunks(on, batch, chunk_size)
 
 
 def _tree_vdot(a, b):

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Every GPU measurement of the benchmarks in one run (about 8 minutes on one
+# H100), for a host that already has jax with CUDA, flax, optax and chex:
+#
+#   pip install --no-deps -e . && bash benchmarks/gpu_check.sh OUT_DIR
+#
+# Writes into OUT_DIR: env.json (device, versions), step_cost_lenet.json
+# (per-step cost of every dynamics on the paper's LeNet, refresh 1 and 10),
+# scale.json (VGG11 at n = 5,000: compile time and per-step cost of every
+# dynamics at refresh 10, top-20 Hessian eigenpairs with residuals, the same
+# step on all local devices through the mesh path, peak device memory
+# against chunk_size), memory.json (the diagnostics on an MLP with
+# D = 2,035,210 and n = 4,096 against chunk_size), and a .md table beside
+# each. Each step has its own time limit, so that one slow step cannot take
+# the others with it; a step that fails leaves a note in OUT_DIR/failed.txt.
+set -uo pipefail
+out=${1:?usage: gpu_check.sh OUT_DIR}
+mkdir -p "$out"
+out=$(cd "$out" && pwd)
+cd "$(dirname "$0")"
+export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
+
+step() {  # step SECONDS NAME COMMAND...
+  local limit=$1 name=$2
+  shift 2
+  echo "== $name (limit ${limit}s)"
+  local t0=$SECONDS
+  if ! timeout "$limit" "$@" 2>&1 | tee "$out/$name.log"; then
+    echo "$name: failed or timed out after $((SECONDS - t0)) s" \
+      >> "$out/failed.txt"
+  fi
+  echo "== $name: $((SECONDS - t0)) s"
+}
+
+python -c "import json, jax, _common; print(json.dumps(_common.environment()))" \
+  > "$out/env.json"
+cat "$out/env.json"
+step 100 step_cost_lenet python step_cost.py --model lenet --repeats 3 \
+  --out "$out"
+step 260 scale python scale.py --n 5000 --chunk-size 250 --repeats 3 \
+  --mesh --memory-chunks 1000 250 50 --out "$out"
+step 90 memory python memory.py --n 4096 --chunks none 256 64 --out "$out"
+ls -l "$out"
