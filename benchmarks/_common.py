@@ -110,6 +110,26 @@ def mlp_problem(x, labels, hidden: int, activation=jax.nn.relu, seed: int = 0):
   return loss_fn, params, {"x": x, "y": jnp.asarray(labels)}
 
 
+def run_child(cmd: list[str], timeout: float | None = None,
+              **failure: object) -> dict:
+  """Runs a benchmark in a fresh process (its peak memory is its own) and
+  returns the JSON object of its last output line, or ``failure`` with a
+  ``failed`` entry saying why (the last line of its stderr, or the
+  timeout)."""
+  import subprocess
+  try:
+    proc = subprocess.run(cmd, capture_output=True, text=True,
+                          timeout=timeout, check=False,
+                          cwd=os.path.dirname(os.path.abspath(__file__)))
+  except subprocess.TimeoutExpired:
+    return dict(failure, failed=f"timed out after {timeout:.0f} s")
+  if proc.returncode == 0:
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+  why = proc.stderr.strip().splitlines()[-1][:300] if proc.stderr.strip() \
+      else f"exit {proc.returncode}"
+  return dict(failure, failed=why)
+
+
 def write_results(out: str, name: str, res: dict, table: str) -> None:
   """Writes ``name.json`` and ``name.md`` to ``out`` and prints the table."""
   os.makedirs(out, exist_ok=True)

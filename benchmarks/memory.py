@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import resource
-import subprocess
 import sys
 import time
 
@@ -94,21 +93,10 @@ def main():
   rows = []
   for function in args.functions:
     for chunk in args.chunks:
-      cmd = [sys.executable, os.path.abspath(__file__), "--n", str(args.n),
-             "--width", str(args.width), "--child", function, chunk]
-      try:
-        proc = subprocess.run(cmd, capture_output=True, text=True,
-                              timeout=args.timeout, check=False,
-                              cwd=os.path.dirname(os.path.abspath(__file__)))
-        if proc.returncode == 0:
-          row = json.loads(proc.stdout.strip().splitlines()[-1])
-        else:
-          row = {"function": function, "chunk_size": chunk,
-                 "failed": proc.stderr.strip().splitlines()[-1][:300]
-                 if proc.stderr.strip() else f"exit {proc.returncode}"}
-      except subprocess.TimeoutExpired:
-        row = {"function": function, "chunk_size": chunk,
-               "failed": f"timed out after {args.timeout:.0f} s"}
+      row = _common.run_child(
+          [sys.executable, os.path.abspath(__file__), "--n", str(args.n),
+           "--width", str(args.width), "--child", function, chunk],
+          args.timeout, function=function, chunk_size=chunk)
       rows.append(row)
       print(json.dumps(row), flush=True)
   res = {"env": env, "n": args.n, "width": args.width, "rows": rows}

@@ -76,3 +76,46 @@ def test_rel_error():
   assert peers.rel_error([1.1] + [1.0] * 19, [1.0] * 20) == pytest.approx(0.1)
   with pytest.raises(ValueError, match="need 20"):
     peers.rel_error([1.0], [1.0] * 20)
+
+
+def test_memory_smoke(tmp_path, monkeypatch):
+  import memory
+  _run(memory, monkeypatch, "--n", "16", "--width", "4", "--chunks", "none",
+       "8", "--functions", "covariance_trace", "--out", str(tmp_path))
+  res = json.load(open(tmp_path / "memory.json"))
+  whole, chunked = res["rows"]
+  assert whole["chunk_size"] is None and chunked["chunk_size"] == 8
+  assert whole["D"] == 784 * 4 + 4 + 4 * 10 + 10
+  assert whole["peak_bytes"] > 0 and chunked["peak_bytes"] > 0
+  np.testing.assert_allclose(whole["value"], chunked["value"], rtol=1e-5)
+
+
+def test_scale_smoke(tmp_path, monkeypatch):
+  """VGG11 (the real model) at n = 2: every code path of the GPU run."""
+  import scale
+  _run(scale, monkeypatch, "--n", "2", "--chunk-size", "1", "--refresh",
+       "2", "--dynamics", "GD + SGD noise", "--eigs", "2", "--eig-iters", "3",
+       "--memory-chunks", "1", "--out", str(tmp_path))
+  res = json.load(open(tmp_path / "scale.json"))
+  assert res["D"] == 9_750_922
+  assert [r["dynamics"] for r in res["rows"]] == ["GD", "GD + SGD noise"]
+  assert all(r["compile_s"] > 0 and r["step_s"] > 0 for r in res["rows"])
+  spec = res["spectrum"]
+  assert len(spec["eigenvalues"]) == 2 and spec["num_iters"] == 3
+  (mem,) = res["memory"]
+  assert mem["chunk_size"] == 1 and mem["peak_bytes"] > 0
+  assert "| GD + SGD noise |" in open(tmp_path / "scale.md").read()
+
+
+def test_gpu_check_script_runs_the_benchmarks_it_names():
+  import subprocess
+  here = os.path.join(os.path.dirname(__file__), "..", "benchmarks")
+  script = os.path.join(here, "gpu_check.sh")
+  assert subprocess.run(["bash", "-n", script], check=False).returncode == 0
+  text = open(script).read()
+  for name in ("step_cost.py", "scale.py", "memory.py"):
+    assert f"python {name}" in text and os.path.exists(os.path.join(here,
+                                                                    name))
+  usage = subprocess.run(["bash", script], capture_output=True, text=True,
+                         check=False)
+  assert usage.returncode != 0 and "usage" in usage.stderr

@@ -161,7 +161,8 @@ def test_expected_sharpness_on_a_quadratic():
   delta = 0.05
   est = anisonoise.expected_sharpness(loss_fn, params, batch,
                                       key=jax.random.key(0), delta=delta,
-                                      num_samples=4000, chunk_size=500)
+                                      num_samples=4000,
+                                      samples_per_chunk=500)
   expected = delta**2 / 2 * np.trace(h)
   assert abs(float(est.mean) - expected) < 4 * float(est.stderr)
   assert float(est.stderr) < 0.1 * expected
