@@ -100,10 +100,15 @@ def memory_child(chunk, n):
           time.perf_counter() - t0, "peak_bytes": memory.peak_bytes()}
 
 
+def _chunk(text: str) -> int | None:
+  return None if text.lower() == "none" else int(text)
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--n", type=int, default=64)
-  parser.add_argument("--chunk-size", type=int, default=32)
+  parser.add_argument("--chunk-size", type=_chunk, default=32,
+                      help="examples per chunk, or 'none' (one pass)")
   parser.add_argument("--refresh", type=int, default=10)
   parser.add_argument("--repeats", type=int, default=1)
   parser.add_argument("--dynamics", nargs="+", default=None)
@@ -116,8 +121,7 @@ def main():
   parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.child:
-    chunk = None if args.child == "none" else int(args.child)
-    print(json.dumps(memory_child(chunk, args.n)))
+    print(json.dumps(memory_child(_chunk(args.child), args.n)))
     return
 
   env = _common.environment()
