@@ -29,6 +29,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from anisonoise._src import batching
+
 LENET_NUM_PARAMS = 11_330
 
 
@@ -60,9 +62,8 @@ def _pool2(x: jax.Array) -> jax.Array:
   """
   n, h, w, c = x.shape
   shape = (n, h // 2, 2, w // 2, 2, c)
-  sharding = jax.typeof(x).sharding
-  mesh = getattr(sharding, "mesh", None)
-  if mesh is not None and mesh._any_axis_explicit:  # pylint: disable=protected-access
+  sharding = batching.explicit_sharding(x)
+  if sharding is not None:
     y = jax.lax.reshape(x, shape, out_sharding=jax.P(sharding.spec[0]))
   else:
     y = x.reshape(shape)

@@ -192,6 +192,16 @@ def example_shards(tree: Any) -> int:
   return shards
 
 
+def explicit_sharding(x: jax.Array) -> Any:
+  """``x``'s sharding when it lives on a mesh with an Explicit axis, else
+  ``None`` (one device, Auto meshes: ``jit`` places things there)."""
+  sharding = jax.typeof(x).sharding
+  mesh = getattr(sharding, "mesh", None)
+  if mesh is None or not mesh._any_axis_explicit:  # pylint: disable=protected-access
+    return None
+  return sharding
+
+
 def match_sharding(x: jax.Array, ref: jax.Array) -> jax.Array:
   """``x`` resharded like ``ref`` when ``ref`` lives on an Explicit mesh.
 
@@ -201,11 +211,8 @@ def match_sharding(x: jax.Array, ref: jax.Array) -> jax.Array:
   the per-example losses. Elsewhere (one device, Auto meshes) ``x`` is
   returned unchanged and ``jit`` places it.
   """
-  sharding = jax.typeof(ref).sharding
-  mesh = getattr(sharding, "mesh", None)
-  if mesh is None or not mesh._any_axis_explicit:  # pylint: disable=protected-access
-    return x
-  if jax.typeof(x).sharding == sharding:
+  sharding = explicit_sharding(ref)
+  if sharding is None or jax.typeof(x).sharding == sharding:
     return x
   return jax.sharding.reshard(x, sharding)
 
@@ -215,11 +222,8 @@ def replicate(tree: Any) -> Any:
   anything else is returned unchanged (``jit`` places it)."""
 
   def one(x):
-    sharding = jax.typeof(x).sharding
-    mesh = getattr(sharding, "mesh", None)
-    if mesh is None or not mesh._any_axis_explicit:  # pylint: disable=protected-access
-      return x
-    if all(s is None for s in sharding.spec):
+    sharding = explicit_sharding(x)
+    if sharding is None or all(s is None for s in sharding.spec):
       return x
     return jax.sharding.reshard(x, jax.P())
 

@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from anisonoise._src import batching
 from anisonoise._src.batching import Batch, LossFn, Params
@@ -235,7 +236,7 @@ def covariance_sum(loss_fn, chunk_size, params, batch, v, gbar):
   Centring with the known ``gbar.v`` keeps the sum exact in one pass, with
   no ``E[uu] - E[u]^2`` cancellation.
   """
-  u_bar = _tree_vdot(gbar, v)
+  u_bar = optax.tree_utils.tree_vdot(gbar, v)
 
   def on(part, w):
     losses, jvp_lin = jax.linearize(lambda p: loss_fn(p, part), params)
@@ -280,7 +281,7 @@ def centred_square_sum(loss_fn, chunk_size, params, batch, gbar):
 
 def centred_jvp_square_sum(loss_fn, chunk_size, params, batch, v, gbar):
   """``sum_i (g_i.v - gbar.v)^2 = n v^T C v``: one jvp a chunk."""
-  u_bar = _tree_vdot(gbar, v)
+  u_bar = optax.tree_utils.tree_vdot(gbar, v)
 
   def on(part, w):
     u = jax.jvp(lambda p: loss_fn(p, part), (params,), (v,))[1]
@@ -297,12 +298,6 @@ def perturbed_loss_sums(loss_fn, chunk_size, params, batch, noise):
         loss_fn, jax.tree.map(jnp.add, params, nu), part, w))(noise)
 
   return batching.fold_chunks(on, batch, chunk_size)
-
-
-def _tree_vdot(a, b):
-  leaves = [jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a),
-                                          jax.tree.leaves(b))]
-  return functools.reduce(jnp.add, leaves)
 
 
 # --------------------------------------------------------------------------
