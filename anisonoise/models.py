@@ -61,13 +61,27 @@ def _pool2(x: jax.Array) -> jax.Array:
   slower (and compile 3x slower) on the CPU.
   """
   n, h, w, c = x.shape
-  shape = (n, h // 2, 2, w // 2, 2, c)
-  sharding = batching.explicit_sharding(x)
-  if sharding is not None:
-    y = jax.lax.reshape(x, shape, out_sharding=jax.P(sharding.spec[0]))
-  else:
-    y = x.reshape(shape)
+  y = batching.reshape_examples(x, (n, h // 2, 2, w // 2, 2, c))
   return y.max(axis=(2, 4))
+
+
+def _conv(conv: nnx.Conv, x: jax.Array) -> jax.Array:
+  """``conv(x)``; on an Explicit mesh, under Auto axes.
+
+  jax (0.10) has no Explicit-sharding rule for a convolution's transpose
+  with respect to its kernel (the weight gradient raises "Please specify
+  the output sharding"), so there the convolution runs with the mesh's axes
+  switched to Auto (``jax.sharding.auto_axes``) and its output keeps the
+  images' example-axis sharding.
+  """
+  sharding = batching.explicit_sharding(x)
+  if sharding is None:
+    return conv(x)
+  graphdef, state = nnx.split(conv)
+  apply = jax.sharding.auto_axes(
+      lambda x, state: nnx.merge(graphdef, state)(x),
+      out_sharding=jax.P(sharding.spec[0]))
+  return apply(x, state)
 
 
 class LeNet(nnx.Module):
@@ -102,10 +116,11 @@ class LeNet(nnx.Module):
       )
     n = x.shape[0]
     w1 = self.conv1.kernel[...].reshape(25, 10)  # (kh, kw, 1, c) -> (25, c)
-    h = (x @ w1 + self.conv1.bias[...]).reshape(n, 24, 24, 10)
+    h = batching.reshape_examples(x @ w1 + self.conv1.bias[...],
+                                 (n, 24, 24, 10))
     h = jax.nn.relu(_pool2(h))
     h = jax.nn.relu(_pool2(self._conv2_as_matmul(h)))
-    h = jax.nn.relu(self.fc1(h.reshape(n, 160)))
+    h = jax.nn.relu(self.fc1(batching.reshape_examples(h, (n, 160))))
     return self.fc2(h)
 
 
@@ -116,7 +131,7 @@ class LeNet(nnx.Module):
     cols = jnp.stack([h[:, i:i + 8, j:j + 8, :]
                       for i in range(5) for j in range(5)], axis=3)
     w2 = self.conv2.kernel[...].reshape(250, 10)  # (kh, kw, cin) -> rows
-    return cols.reshape(n, 8, 8, 250) @ w2 + self.conv2.bias[...]
+    return batching.reshape_examples(cols, (n, 8, 8, 250)) @ w2 + self.conv2.bias[...]
 
 
 VGG11_NUM_PARAMS = 9_750_922
@@ -178,8 +193,8 @@ class VGG11(nnx.Module):
       if width == "M":
         x = _pool2(x)
       else:
-        x = jax.nn.relu(next(convs)(x))
-    x = x.reshape(x.shape[0], 512)
+        x = jax.nn.relu(_conv(next(convs), x))
+    x = batching.reshape_examples(x, (x.shape[0], 512))
     x = jax.nn.relu(self.fc1(x))
     x = jax.nn.relu(self.fc2(x))
     return self.fc3(x)

@@ -130,11 +130,14 @@ def run_child(cmd: list[str], timeout: float | None = None,
   return dict(failure, failed=why)
 
 
-def write_results(out: str, name: str, res: dict, table: str) -> None:
-  """Writes ``name.json`` and ``name.md`` to ``out`` and prints the table."""
+def write_results(out: str, name: str, res: dict, table: str,
+                  quiet: bool = False) -> None:
+  """Writes ``name.json`` and ``name.md`` to ``out`` and prints the table
+  (unless ``quiet``)."""
   os.makedirs(out, exist_ok=True)
   with open(os.path.join(out, f"{name}.json"), "w") as f:
     json.dump(res, f, indent=1)
   with open(os.path.join(out, f"{name}.md"), "w") as f:
     f.write(table + "\n")
-  print(table)
+  if not quiet:
+    print(table)

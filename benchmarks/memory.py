@@ -99,8 +99,10 @@ def main():
           args.timeout, function=function, chunk_size=chunk)
       rows.append(row)
       print(json.dumps(row), flush=True)
-  res = {"env": env, "n": args.n, "width": args.width, "rows": rows}
-  _common.write_results(args.out, "memory", res, markdown(res))
+      res = {"env": env, "n": args.n, "width": args.width, "rows": rows}
+      _common.write_results(args.out, "memory", res, markdown(res),
+                            quiet=True)  # after every row
+  print(markdown(res))
 
 
 def markdown(res) -> str:

@@ -219,3 +219,20 @@ def test_chunk_plan():
   assert plan(1200, 64, 8) == (1200, 25, 48, 0)
   with pytest.raises(ValueError, match="multiple of 8"):
     plan(1200, 6, 8)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 2])
+def test_chunks_on_a_one_device_explicit_mesh(chunk_size):
+  """Chunks of one example on a one-device Explicit mesh: jax put the
+  example axis's sharding on the chunk axis when splitting ``(n,)`` into
+  ``(1, n)``, which ``scan`` refused; the chunks keep it on their examples."""
+  loss_fn, params, batch = PROBLEMS["linear"]()
+  mesh = jax.make_mesh((1,), ("data",),
+                       axis_types=(jax.sharding.AxisType.Explicit,))
+  placed = jax.device_put(batch, jax.NamedSharding(mesh, jax.P("data")))
+  fn = jax.jit(lambda p, b: (
+      anisonoise.covariance_trace(loss_fn, p, b, chunk_size=chunk_size),
+      anisonoise.hvp(loss_fn, p, b, p, chunk_size=chunk_size)))
+  with jax.set_mesh(mesh):
+    got = fn(params, placed)
+  _assert_tree_close(got, fn(params, batch))

@@ -286,18 +286,34 @@ def to_chunks(tree: Any, plan: ChunkPlan) -> Any:
   def split(x):
     if plan.pad:
       x = jnp.concatenate([x, x[: plan.pad]])
-    x = x.reshape(plan.size, plan.num_chunks, *x.shape[1:])
+    x = reshape_examples(x, (plan.size, plan.num_chunks, *x.shape[1:]))
     return jnp.moveaxis(x, 1, 0)
 
   return jax.tree.map(split, tree)
+
+
+def reshape_examples(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  """``x.reshape(shape)`` keeping the sharding of the leading (example)
+  axis.
+
+  On an Explicit mesh jax infers the sharding of a reshape that splits or
+  merges axes, and may move or drop it: on a one-device mesh the split
+  ``(n,) -> (size, num_chunks)`` with ``size == 1`` put it on the chunk
+  axis, which ``scan`` then refused, and a split into several axes is not
+  inferred at all. Here it stays on the leading axis.
+  """
+  sharding = explicit_sharding(x)
+  if sharding is None:
+    return x.reshape(shape)
+  return jax.lax.reshape(x, shape, out_sharding=jax.P(sharding.spec[0]))
 
 
 def from_chunks(tree: Any, plan: ChunkPlan) -> Any:
   """The inverse of :func:`to_chunks` (padding dropped)."""
 
   def merge(x):
-    x = jnp.moveaxis(x, 0, 1).reshape(plan.size * plan.num_chunks,
-                                      *x.shape[2:])
+    x = reshape_examples(jnp.moveaxis(x, 0, 1),
+                 (plan.size * plan.num_chunks, *x.shape[2:]))
     return x[: plan.n] if plan.pad else x
 
   return jax.tree.map(merge, tree)
