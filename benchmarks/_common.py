@@ -14,7 +14,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from anisonoise.models import LeNet, lenet_patches
+from anisonoise.models import LeNet, lenet_patches, reference_lenet_logits
 
 
 def environment() -> dict:
@@ -72,17 +72,24 @@ def lenet_images(n: int = 1200, seed: int = 0):
     return images, rng.integers(0, 10, size=n), "random images (no data)"
 
 
-def lenet_problem(n: int = 1200, seed: int = 0, with_info: bool = False):
+def lenet_problem(n: int = 1200, seed: int = 0, with_info: bool = False,
+                  plain_conv: bool = False):
   """(loss_fn, params, batch) for the paper's LeNet on ``n`` images (see
   :func:`lenet_images`); with ``with_info`` also a dict with the images,
-  labels and a description of the data."""
+  labels and a description of the data. ``plain_conv``: the same network
+  as a user writes it (``lax.conv`` and ``max_pool``,
+  :func:`anisonoise.models.reference_lenet_logits`) on the images."""
   images, labels, what = lenet_images(n, seed)
   model = LeNet(nnx.Rngs(seed))
   graphdef, params = nnx.split(model, nnx.Param)
-  batch = {"x": lenet_patches(jnp.asarray(images)), "y": jnp.asarray(labels)}
+  x = jnp.asarray(images)
+  batch = {"x": x if plain_conv else lenet_patches(x),
+           "y": jnp.asarray(labels)}
 
   def loss_fn(params, b):
-    logits = nnx.merge(graphdef, params)(b["x"])
+    net = nnx.merge(graphdef, params)
+    logits = reference_lenet_logits(net, b["x"]) if plain_conv else net(
+        b["x"])
     return optax.softmax_cross_entropy_with_integer_labels(logits, b["y"])
 
   if with_info:

@@ -49,6 +49,7 @@ def test_scaling_smoke(tmp_path, monkeypatch):
 
 def test_peers_smoke(tmp_path, monkeypatch):
   _run(peers, monkeypatch, "--n", "12", "--gd-steps", "2", "--iters", "60",
+       "--configs", "60", "30:1e-1", "--plain-conv",
        "--ref-iters", "40", "--repeats", "1", "--pyhessian-repeats", "1",
        "--dense-repeats", "1", "--mlp-hidden", "2", "--eig-size", "60",
        "--pyhessian-max-iter", "3",
@@ -57,8 +58,10 @@ def test_peers_smoke(tmp_path, monkeypatch):
   assert res["D"] == 11_330
   ref = np.asarray(res["reference"]["eigenvalues"])
   assert ref.shape == (20,) and np.all(np.diff(ref) <= 0)
-  (ours,) = res["anisonoise"]
-  assert ours["hvps"] == 60 and np.isfinite(ours["max_rel_error"])
+  one_cycle, restarted = res["anisonoise"]
+  assert one_cycle["hvps"] == 60 and np.isfinite(one_cycle["max_rel_error"])
+  assert restarted["tol"] == 0.1 and restarted["hvps"] >= 30
+  assert res["model"] == "LeNet, plain lax.conv"
   small = res["dense"]["small_model"]
   assert small["D"] == 784 * 2 + 2 + 2 * 10 + 10
   # Lanczos on the small MLP agrees with its dense Hessian's eigsh.

@@ -179,6 +179,13 @@ def test_hessian_spectrum_matches_eigh():
                                   key=jax.random.key(0), num_iters=d)
   np.testing.assert_allclose(np.asarray(s.eigenvalues),
                              np.linalg.eigvalsh(h)[::-1][:5], rtol=1e-6)
+  # The default: a Krylov basis of 2k + 20 = 30 vectors, restarted until
+  # every residual is at most 1e-3 lambda_1.
+  s = anisonoise.hessian_spectrum(loss_fn, params, batch, num_eigs=5,
+                                  key=jax.random.key(0))
+  ref = np.linalg.eigvalsh(h)[::-1][:5]
+  assert bool(s.converged) and int(s.num_matvecs) >= 30
+  assert np.max(np.abs(np.asarray(s.eigenvalues) - ref)) <= 1e-3 * ref[0]
 
 
 def test_spectral_density_moments():

@@ -213,3 +213,46 @@ def test_nonfinite_refresh_keeps_cached_factor():
   np.testing.assert_array_equal(state.eigenvectors, good.eigenvectors)
   np.testing.assert_array_equal(state.trace, good.trace)
   assert np.all(np.isfinite(eps))
+
+
+def _flat_spectrum_mlp():
+  """A tanh MLP 16-24-24-10 near initialisation (D = 1,258, n = 256): a
+  flat top of the Hessian spectrum, where ``max(2k, k + 10)`` Lanczos steps
+  leave the 10th eigenvalue far off."""
+  rng = np.random.default_rng(0)
+  sizes = [16, 24, 24, 10]
+  batch = {"x": jnp.asarray(rng.normal(size=(256, 16))),
+           "y": jnp.asarray(rng.integers(0, 10, 256))}
+  params = [{"w": jnp.asarray(rng.normal(size=(a, b)) / np.sqrt(a)),
+             "b": jnp.zeros(b)} for a, b in zip(sizes[:-1], sizes[1:])]
+
+  def loss_fn(p, b):
+    h = b["x"]
+    for layer in p[:-1]:
+      h = jnp.tanh(h @ layer["w"] + layer["b"])
+    logits = h @ p[-1]["w"] + p[-1]["b"]
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    return logz - jnp.take_along_axis(logits, b["y"][:, None], -1)[:, 0]
+
+  return loss_fn, params, batch
+
+
+def test_low_rank_tol_converges_the_cached_eigenpairs():
+  loss_fn, params, batch = _flat_spectrum_mlp()
+  flat, unravel = ravel_pytree(params)
+  h = jax.hessian(lambda f: jnp.mean(loss_fn(unravel(f), batch)))(flat)
+  ref = np.linalg.eigvalsh(np.asarray(h))[::-1][:10]
+  errors = {}
+  for tol in (None, 1e-3):
+    tx = anisonoise.hessian_noise(10, batch_size=32, tol=tol, key=0)
+    _, state = tx.update(params, tx.init(params), params, loss_fn=loss_fn,
+                         batch=batch)
+    errors[tol] = np.max(np.abs(np.asarray(state.eigenvalues) - ref))
+    if tol:
+      assert np.all(np.asarray(state.residual_norms) <= tol * ref[0])
+  assert errors[None] > 0.1 * ref[0]  # one cycle of 20 products
+  assert errors[1e-3] <= 1e-3 * ref[0]
+  with pytest.raises(ValueError, match="tol must be positive"):
+    anisonoise.leading_noise(3, batch_size=4, tol=-1.0)
+  with pytest.raises(ValueError, match="max_matvecs"):
+    anisonoise.hessian_eigvec_noise(batch_size=4, max_matvecs=0)

@@ -29,12 +29,14 @@ transform never hides a broken gradient.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, NamedTuple
 
 import chex
 import jax
 import jax.numpy as jnp
 import optax
+from jax.flatten_util import ravel_pytree
 
 from anisonoise._src import batching
 from anisonoise._src import covariance
@@ -235,7 +237,8 @@ def _refreshing_transform(
   """Builds a transform whose covariance factor is cached and refreshed.
 
   ``init_factor(params)`` gives a zero ``factor_type`` of the right shapes,
-  ``estimate(params, loss_fn, batch, key)`` a fresh one and
+  ``estimate(params, loss_fn, batch, key, old)`` a fresh one (``old``, the
+  cached factor, can warm-start it) and
   ``draw(factor, key, params)`` a noise sample. The factor is a NamedTuple
   whose fields, together with ``count``, ``rng_key`` and ``num_rejected``,
   are passed to ``make_state``.
@@ -262,7 +265,7 @@ def _refreshing_transform(
     old = factor_type(**{f: getattr(state, f) for f in factor_type._fields})
 
     def refresh(_):
-      return estimate(params, loss_fn, batch, refresh_key)
+      return estimate(params, loss_fn, batch, refresh_key, old)
 
     if refresh_every == 1:
       is_refresh = jnp.array(True)
@@ -420,7 +423,8 @@ def dynamic_isotropic_noise(
     dtype = jnp.result_type(*jax.tree.leaves(params))
     return _TraceFactor(jnp.zeros([], dtype))
 
-  def estimate(params, loss_fn, batch, key):
+  def estimate(params, loss_fn, batch, key, old):
+    del old
     dtype = jnp.result_type(*jax.tree.leaves(params))
     if trace is not None:
       return _TraceFactor(jnp.asarray(trace, dtype))
@@ -501,8 +505,8 @@ def diagonal_noise(
     return _DiagFactor(jnp.zeros([], dtype), jax.tree.map(jnp.zeros_like,
                                                           params))
 
-  def estimate(params, loss_fn, batch, key):
-    del key
+  def estimate(params, loss_fn, batch, key, old):
+    del key, old
     n = batching.num_examples(batch)
     diag = covariance.covariance_diagonal(
         loss_fn, params, batch, chunk_size=chunk_size
@@ -554,6 +558,10 @@ def _low_rank_transform(
     batching.check_positive_int("num_iters", num_iters)
     if num_iters < k:
       raise ValueError(f"num_iters={num_iters} must be >= k={k}.")
+  if opts["tol"] is not None and not opts["tol"] > 0:
+    raise ValueError(f"tol must be positive (or None), got {opts['tol']!r}.")
+  if opts["max_matvecs"] is not None:
+    batching.check_positive_int("max_matvecs", opts["max_matvecs"])
 
   def init_factor(params):
     _check_k(k, params, who)
@@ -565,14 +573,16 @@ def _low_rank_transform(
         jnp.zeros([k], dtype),
     )
 
-  def estimate(params, loss_fn, batch, key):
+  def estimate(params, loss_fn, batch, key, old):
     _check_k(k, params, who)
     eig_key, trace_key = jax.random.split(key)
     d = batching.num_params(params)
-    iters = None if num_iters is None else min(num_iters, d)
+    iters = min(d, max(2 * k, k + 10) if num_iters is None else num_iters)
     res = curvature.top_eigenpairs(
         operator(loss_fn, params, batch, chunk_size=opts["chunk_size"]),
-        params, k, key=eig_key, num_iters=iters,
+        params, k, key=eig_key, num_iters=iters, tol=opts["tol"],
+        max_matvecs=opts["max_matvecs"],
+        init_vector=_warm_start(old.eigenvectors, eig_key),
     )
     n = batching.num_examples(batch)
     if trace is None:
@@ -602,6 +612,26 @@ def _low_rank_transform(
   )
 
 
+def _warm_start(eigenvectors: Params, key: jax.Array) -> Params:
+  """The start vector of a refresh: the sum of the cached unit eigenvectors
+  plus a random vector of unit norm (the whole start at the first refresh,
+  when the cache is zero).
+
+  Measured along a GD trajectory (tanh MLP 32-48-48-10, D = 4,426, 512
+  examples, k = 10, refresh every 5 steps, ``tol=1e-2``, ``num_iters=20``):
+  56 products per refresh on average over refreshes 2 to 8, against 63
+  from a random start. A block start from the cached vectors (a Rayleigh-
+  Ritz step on them, then new directions) needed as many products and was
+  less accurate at a fixed budget, so it is not used.
+  """
+  total = jax.tree.map(lambda v: jnp.sum(v, axis=0), eigenvectors)
+  flat, unravel = ravel_pytree(total)
+  # The random vector a cold start draws (top_eigenpairs' own), so the
+  # first refresh is the cold solve.
+  noise = jax.random.normal(key, flat.shape, flat.dtype)
+  return unravel(flat + noise / math.sqrt(flat.size))
+
+
 def _clip(eigenvalues):
   return jnp.maximum(eigenvalues, 0)
 
@@ -628,8 +658,16 @@ _LOW_RANK_ARGS_DOC = """
     refresh_every: re-estimate the eigenpairs (and the trace) every this many
       steps; noise is drawn every step.
     key: int seed or PRNG key (start vectors and draws).
-    num_iters: Lanczos iterations (matvecs per refresh); default
-      ``max(2k, k + 10)``, at most ``D``.
+    num_iters: Lanczos basis size (matvecs per refresh without ``tol``);
+      default ``max(2k, k + 10)``, at most ``D``. Each refresh starts from
+      the sum of the cached eigenvectors plus a random vector.
+    tol: if set, restart Lanczos at each refresh until every cached pair
+      has residual ``<= tol |lambda_1|`` (its eigenvalue is then within
+      that of the operator's), up to ``max_matvecs``; ``None`` (default):
+      ``num_iters`` products per refresh, accuracy as it comes (see
+      ``residual_norms`` in the state).
+    max_matvecs: budget of products per refresh with ``tol`` (default
+      ``10 num_iters``).
     trace_estimator: ``"exact"`` (per-example gradients) or ``"hutchinson"``.
     num_probes: Hutchinson probes.
     chunk_size: examples per chunk, for every pass over the batch (the
@@ -651,6 +689,8 @@ def leading_noise(
     refresh_every: int = 1,
     key: KeyLike = 0,
     num_iters: int | None = None,
+    tol: float | None = None,
+    max_matvecs: int | None = None,
     trace_estimator: str = "exact",
     num_probes: int = 32,
     chunk_size: int | None = None,
@@ -684,7 +724,7 @@ def leading_noise(
     Zhu et al., ICML 2019, Table 1.
   """
   opts = dict(trace_estimator=trace_estimator, num_probes=num_probes,
-              chunk_size=chunk_size)
+              chunk_size=chunk_size, tol=tol, max_matvecs=max_matvecs)
   return _low_rank_transform(
       "leading_noise", k, _covariance_op, _clip, batch_size, trace,
       refresh_every, key, opts, num_iters,
@@ -699,6 +739,8 @@ def hessian_noise(
     refresh_every: int = 1,
     key: KeyLike = 0,
     num_iters: int | None = None,
+    tol: float | None = None,
+    max_matvecs: int | None = None,
     trace_estimator: str = "exact",
     num_probes: int = 32,
     chunk_size: int | None = None,
@@ -735,7 +777,7 @@ def hessian_noise(
     10 steps).
   """
   opts = dict(trace_estimator=trace_estimator, num_probes=num_probes,
-              chunk_size=chunk_size)
+              chunk_size=chunk_size, tol=tol, max_matvecs=max_matvecs)
   return _low_rank_transform(
       "hessian_noise", k, _hessian_op, _clip, batch_size, trace,
       refresh_every, key, opts, num_iters,
@@ -749,6 +791,8 @@ def hessian_eigvec_noise(
     refresh_every: int = 1,
     key: KeyLike = 0,
     num_iters: int | None = None,
+    tol: float | None = None,
+    max_matvecs: int | None = None,
     trace_estimator: str = "exact",
     num_probes: int = 32,
     chunk_size: int | None = None,
@@ -778,7 +822,7 @@ def hessian_eigvec_noise(
     Zhu et al., ICML 2019, Table 1 and Section 3.2.
   """
   opts = dict(trace_estimator=trace_estimator, num_probes=num_probes,
-              chunk_size=chunk_size)
+              chunk_size=chunk_size, tol=tol, max_matvecs=max_matvecs)
   return _low_rank_transform(
       "hessian_eigvec_noise", 1, _hessian_op, _first_only, batch_size, trace,
       refresh_every, key, opts, num_iters,
