@@ -164,6 +164,8 @@ def main():
         "num_iters": args.eig_iters or min(d, 2 * args.eigs + 20),
         "seconds": time.perf_counter() - t0,
         "compile_s": compile_s,
+        "num_matvecs": int(out.num_matvecs),
+        "converged": bool(out.converged),
         "eigenvalues": np.asarray(out.eigenvalues).tolist(),
         "residual_norms": np.asarray(out.residual_norms).tolist()}
     print(json.dumps(res["spectrum"]), flush=True)
@@ -211,8 +213,11 @@ def markdown(res) -> str:
                  f" {r['step_s']:.3f} | {r['ratio_to_gd']:.2f} |")
   if "spectrum" in res:
     s = res["spectrum"]
+    steps = (f"basis {s['num_iters']}, {s['num_matvecs']} products,"
+             f" converged {s['converged']}" if "num_matvecs" in s
+             else f"{s['num_iters']} Lanczos steps")
     lines += ["", f"Top {s['num_eigs']} Hessian eigenpairs"
-              f" ({s['num_iters']} Lanczos steps): {s['seconds']:.1f} s"
+              f" ({steps}): {s['seconds']:.1f} s"
               f" (compiled in {s['compile_s']:.1f} s);"
               f" lambda_1 = {s['eigenvalues'][0]:.4g}, lambda_"
               f"{s['num_eigs']} = {s['eigenvalues'][-1]:.4g}; largest"

@@ -54,7 +54,7 @@ def test_peers_smoke(tmp_path, monkeypatch):
        "--dense-repeats", "1", "--mlp-hidden", "2", "--eig-size", "60",
        "--pyhessian-max-iter", "3",
        "--out", str(tmp_path))
-  res = json.load(open(tmp_path / "peers.json"))
+  res = json.load(open(tmp_path / "peers_plain_conv.json"))
   assert res["D"] == 11_330
   ref = np.asarray(res["reference"]["eigenvalues"])
   assert ref.shape == (20,) and np.all(np.diff(ref) <= 0)
@@ -71,7 +71,7 @@ def test_peers_smoke(tmp_path, monkeypatch):
     assert "bench" in py["skipped"]
   else:
     assert 20 <= py["hvps"] <= 60 and len(py["eigenvalues"]) == 20
-  assert "anisonoise" in open(tmp_path / "peers.md").read()
+  assert "anisonoise" in open(tmp_path / "peers_plain_conv.md").read()
 
 
 def test_rel_error():

@@ -236,3 +236,16 @@ def test_chunks_on_a_one_device_explicit_mesh(chunk_size):
   with jax.set_mesh(mesh):
     got = fn(params, placed)
   _assert_tree_close(got, fn(params, batch))
+
+
+def test_lanczos_unroll_choice():
+  """Streams unroll (eager products), chunked solves loop (40 unrolled
+  chunk loops took 165 s to compile for VGG11 on the CPU), else the
+  backend default."""
+  from anisonoise._src import curvature
+  _, _, batch = PROBLEMS["linear"]()
+  assert curvature.lanczos_unroll(anisonoise.Batches([batch]), 8, 40)
+  assert not curvature.lanczos_unroll(batch, 8, 40)
+  assert curvature.lanczos_unroll(batch, None, 40) == (
+      jax.default_backend() == "cpu")
+  assert not curvature.lanczos_unroll(batch, None, 65)

@@ -399,7 +399,7 @@ def projection_coefficient(
       curvature.hessian_operator(loss_fn, params, batch,
                                  chunk_size=chunk_size), params, 1,
       key=eig_key, num_iters=min(num_iters, d),
-      unroll=True if isinstance(batch, sums.Batches) else None)
+      unroll=curvature.lanczos_unroll(batch, chunk_size, min(num_iters, d)))
   u1 = jax.tree.map(lambda v: v[0], top.eigenvectors)
   lam1 = top.eigenvalues[0]
   u_c_u = covariance.quadratic_form(loss_fn, params, batch,
@@ -597,8 +597,9 @@ def hessian_spectrum(
     tol: residual tolerance relative to ``|lambda_1|``; ``None``: one cycle.
     max_matvecs: budget of Hessian products (default ``10 num_iters``);
       check ``converged`` in the result.
-    unroll: see :func:`top_eigenpairs` (a stream always unrolls: its
-      products run eagerly).
+    unroll: see :func:`top_eigenpairs`; ``None``: a stream unrolls (its
+      products run eagerly), chunked products loop, else the backend's
+      default.
     chunk_size: examples per chunk, for every Hessian product.
 
   Returns:
@@ -616,8 +617,8 @@ def hessian_spectrum(
   d = batching.num_params(params)
   if num_iters is None:
     num_iters = min(d, 2 * num_eigs + 20)
-  if isinstance(batch, sums.Batches):
-    unroll = True
+  if unroll is None or isinstance(batch, sums.Batches):
+    unroll = curvature.lanczos_unroll(batch, chunk_size, num_iters)
   res = curvature.top_eigenpairs(
       curvature.hessian_operator(loss_fn, params, batch,
                                  chunk_size=chunk_size), params, num_eigs,
@@ -706,8 +707,7 @@ def spectral_density(
   batching.check_chunk_size(chunk_size)
   h_op = curvature.hessian_operator(loss_fn, params, batch,
                                     chunk_size=chunk_size)
-  unroll = (isinstance(batch, sums.Batches)
-            or curvature.default_lanczos_unroll(num_iters))
+  unroll = curvature.lanczos_unroll(batch, chunk_size, num_iters)
 
   def probe(k):
     v0 = jax.random.rademacher(k, (d,), flat.dtype)

@@ -582,6 +582,7 @@ def _low_rank_transform(
         operator(loss_fn, params, batch, chunk_size=opts["chunk_size"]),
         params, k, key=eig_key, num_iters=iters, tol=opts["tol"],
         max_matvecs=opts["max_matvecs"],
+        unroll=curvature.lanczos_unroll(batch, opts["chunk_size"], iters),
         init_vector=_warm_start(old.eigenvectors, eig_key),
     )
     n = batching.num_examples(batch)
