@@ -185,9 +185,9 @@ def corrupted_training_set(
   """The first ``num_clean + num_corrupt`` training images, the last
   ``num_corrupt`` of them relabelled uniformly at random (seeded).
 
-  This is the authors' recipe (DESIGN.md): positions 1000-1199 of the first
-  1,200 training images get labels drawn uniformly from the 10 classes (a
-  redrawn label equals the true one with probability 1/10).
+  This is the recipe of the paper's authors' scripts: positions 1000-1199
+  of the first 1,200 training images get labels drawn uniformly from the 10
+  classes (a redrawn label equals the true one with probability 1/10).
 
   Args:
     images: ``uint8`` ``(N, 28, 28)`` training images.

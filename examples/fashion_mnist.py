@@ -530,7 +530,7 @@ def run(out: str, preset: str | Preset = "quick", seed: int = 0,
                "corrupted_label_changed": int(
                    (train.y != train.y_true)[train.corrupted].sum()),
                "num_test": int(test_batch["y"].shape[0])},
-      "num_params": LENET_NUM_PARAMS,
+      "num_params": int(sum(x.size for x in jax.tree.leaves(params0))),
       "gd": gd_history,
       "spectrum": spectrum,
       "dynamics": results,

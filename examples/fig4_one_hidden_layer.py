@@ -85,6 +85,11 @@ def train_width(width: int, key: jax.Array, progress=None) -> dict:
     rec = _train(width, batch, jax.random.fold_in(init_key, draw))
     if not rec.pop("dead"):
       break
+  else:
+    raise RuntimeError(
+        f"width {width}: all {MAX_DRAWS} initialisations died in their first"
+        " epoch (every output clamped, zero gradient); there is no record"
+        " to plot. Use another seed or a smaller learning rate.")
   rec["init_draws"] = draw + 1
   if progress is not None:
     progress.update(EPOCHS)

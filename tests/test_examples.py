@@ -7,6 +7,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
 
@@ -106,3 +107,10 @@ def test_data_parallel_example_on_8_devices(tmp_path):
        str(tmp_path)], env=env, capture_output=True, text=True, timeout=600,
       check=False)
   assert bad.returncode != 0 and "multiple of 8" in bad.stderr
+
+
+def test_fig4_refuses_when_every_initialisation_dies(monkeypatch):
+  import fig4_one_hidden_layer as fig4
+  monkeypatch.setattr(fig4, "_train", lambda *a: {"dead": True})
+  with pytest.raises(RuntimeError, match="initialisations died"):
+    fig4.train_width(8, jax.random.key(0))

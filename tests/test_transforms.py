@@ -24,7 +24,7 @@ def _top(mat, k):
 
 
 def _targets(loss_fn, params, batch):
-  """Dense target covariances of every transform, from DESIGN.md's table."""
+  """Dense target covariances of every transform (the paper's Table 1)."""
   _, _, c, h = dense_reference(loss_fn, params, batch)
   d = c.shape[0]
   t = np.trace(c) / M
