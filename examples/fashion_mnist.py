@@ -477,7 +477,9 @@ def run(out: str, preset: str | Preset = "quick", seed: int = 0,
         num_iters=cfg.spectrum_iters,
         key=jax.random.key(seed + 5)))(theta_gd, train_batch)
     spectrum = {"eigenvalues": np.asarray(spec.eigenvalues).tolist(),
-                "residual_norms": np.asarray(spec.residual_norms).tolist()}
+                "residual_norms": np.asarray(spec.residual_norms).tolist(),
+                "num_matvecs": int(spec.num_matvecs),
+                "converged": bool(spec.converged)}
     with open(spec_path, "w") as f:
       json.dump(dict(spectrum, config=spec_config), f)
   timings["spectrum"] = time.perf_counter() - t0

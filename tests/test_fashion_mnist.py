@@ -102,6 +102,10 @@ def test_tiny_run_writes_every_artefact(tiny_run):
   # Fig. 5 left: descending Hessian eigenvalues with small residuals.
   ev = np.asarray(on_disk["spectrum"]["eigenvalues"])
   assert ev.shape == (4,) and np.all(np.diff(ev) <= 1e-6 * abs(ev[0]))
+  # The tiny preset's basis of 8 may not reach 1e-3 within its budget of
+  # 80 products; the record says which.
+  assert isinstance(on_disk["spectrum"]["converged"], bool)
+  assert 8 <= on_disk["spectrum"]["num_matvecs"] <= 80
   # Fig. 5 middle/right and Fig. 7 along SGD.
   for r in on_disk["dynamics"]["SGD"]:
     # (Hutchinson with 2 probes may go negative off a minimum: finite only.)
