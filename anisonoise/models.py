@@ -131,7 +131,8 @@ class LeNet(nnx.Module):
     cols = jnp.stack([h[:, i:i + 8, j:j + 8, :]
                       for i in range(5) for j in range(5)], axis=3)
     w2 = self.conv2.kernel[...].reshape(250, 10)  # (kh, kw, cin) -> rows
-    return batching.reshape_examples(cols, (n, 8, 8, 250)) @ w2 + self.conv2.bias[...]
+    cols = batching.reshape_examples(cols, (n, 8, 8, 250))
+    return cols @ w2 + self.conv2.bias[...]
 
 
 VGG11_NUM_PARAMS = 9_750_922

@@ -40,10 +40,12 @@ def environment() -> dict:
   return info
 
 
-def timeit(fn, *args, repeats: int = 5) -> float:
+def timeit(fn, *args, repeats: int = 5, warmup: bool = True) -> float:
   """Median wall time of ``fn(*args)`` over ``repeats`` runs after a warm-up
-  (compilation) run; every result is waited for with ``block_until_ready``."""
-  jax.block_until_ready(fn(*args))
+  (compilation) run, or none with ``warmup=False`` (for functions compiled
+  ahead of time); every result is waited for with ``block_until_ready``."""
+  if warmup:
+    jax.block_until_ready(fn(*args))
   times = []
   for _ in range(repeats):
     t0 = time.perf_counter()

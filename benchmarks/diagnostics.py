@@ -46,7 +46,8 @@ def main():
               hessian_trace_method="hutchinson", num_probes=100)),
       "expected_sharpness_M1000": lambda p, b: (
           anisonoise.expected_sharpness(loss_fn, p, b, key=key,
-                                        num_samples=1000, samples_per_chunk=10)),
+                                        num_samples=1000,
+                                        samples_per_chunk=10)),
       "hessian_spectrum_top20": lambda p, b: anisonoise.hessian_spectrum(
           loss_fn, p, b, num_eigs=20, key=key),
       "spectral_density_8x60": lambda p, b: anisonoise.spectral_density(

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU measurement of the benchmarks in one run (at most 7 minutes and
-# 45 s on one H100), for a host that already has jax with CUDA, flax, optax and chex:
+# 45 s on one H100), for a host that already has jax with CUDA, flax, optax
+# and chex:
 #
 #   pip install --no-deps -e . && bash benchmarks/gpu_check.sh OUT_DIR
 #

@@ -56,16 +56,6 @@ def vgg_problem(n: int, seed: int = 0):
   return loss_fn, params, {"x": jnp.asarray(x), "y": jnp.asarray(y)}
 
 
-def _median_time(fn, repeats):
-  """Median wall time of ``fn()`` (already compiled: no warm-up run)."""
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - t0)
-  return float(np.median(times))
-
-
 def time_dynamics(loss_fn, params, batch, noise, steps, repeats):
   """(compile seconds, median seconds per step over ``steps`` steps).
 
@@ -85,7 +75,8 @@ def time_dynamics(loss_fn, params, batch, noise, steps, repeats):
       p, s = compiled(p, s, batch)
     return p, s
 
-  return compile_s, _median_time(run, repeats) / steps
+  return compile_s, _common.timeit(run, repeats=repeats,
+                                   warmup=False) / steps
 
 
 def memory_child(chunk, n):
@@ -116,7 +107,8 @@ def main():
   parser.add_argument("--eig-iters", type=int, default=None)
   parser.add_argument("--memory-chunks", nargs="*", default=["8", "32"])
   parser.add_argument("--mesh", action="store_true",
-                      help="also time GD and GLD Hessian on a mesh of all devices")
+                      help="also time GD and GLD Hessian on a mesh of all"
+                      " devices")
   parser.add_argument("--out", default="results/benchmarks")
   parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
   args = parser.parse_args()

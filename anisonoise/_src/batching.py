@@ -313,7 +313,7 @@ def from_chunks(tree: Any, plan: ChunkPlan) -> Any:
 
   def merge(x):
     x = reshape_examples(jnp.moveaxis(x, 0, 1),
-                 (plan.size * plan.num_chunks, *x.shape[2:]))
+                         (plan.size * plan.num_chunks, *x.shape[2:]))
     return x[: plan.n] if plan.pad else x
 
   return jax.tree.map(merge, tree)

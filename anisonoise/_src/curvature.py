@@ -12,8 +12,9 @@ the projected matrix, restarts until the top-k residuals meet a tolerance.
 Why it is written here rather than taken from matfree
 (``matfree.eig.eigh_partial(matfree.decomp.tridiag_sym(..., reortho="full"))``):
 matfree has no restarts (its accuracy is that of a fixed Krylov size), drives
-the recursion with ``lax.fori_loop`` and offers no way to unroll it, and on a CPU a matvec inside an XLA loop runs several times
-slower than the same matvec outside one when the model has convolutions.
+the recursion with ``lax.fori_loop`` and offers no way to unroll it, and on a
+CPU a matvec inside an XLA loop runs several times slower than the same
+matvec outside one when the model has convolutions.
 Measured with ``benchmarks/solver_overhead.py`` (2-core x86-64 CPU, jax
 0.10.2, LeNet with 11,330 parameters on 1,200 images, conv2 still a
 ``lax.conv``, top-20 from 40 Lanczos steps): one
@@ -50,6 +51,18 @@ def default_lanczos_unroll(num_iters: int) -> bool:
   (see the measurement above); elsewhere ``fori_loop``, which compiles one
   matvec whatever the number of steps."""
   return jax.default_backend() == "cpu" and num_iters <= _UNROLL_LIMIT
+
+
+def default_num_iters(k: int, dim: int) -> int:
+  """The default Krylov basis size for ``k`` eigenpairs on ``D = dim``
+  parameters: ``min(D, max(2 k, k + 10))``."""
+  return min(dim, max(2 * k, k + 10))
+
+
+def check_tol(tol: float | None) -> None:
+  """``tol`` must be positive, or ``None`` (one cycle, no restarts)."""
+  if tol is not None and not tol > 0:
+    raise ValueError(f"tol must be positive (or None), got {tol!r}.")
 
 
 def lanczos_unroll(batch: Batch, chunk_size: int | None,
@@ -362,14 +375,13 @@ def top_eigenpairs(
         f" be at most {dim}."
     )
   if num_iters is None:
-    num_iters = min(dim, max(2 * k, k + 10))
+    num_iters = default_num_iters(k, dim)
   if not isinstance(num_iters, int) or not k <= num_iters <= dim:
     raise ValueError(
         f"num_iters must be an int with k={k} <= num_iters <= D={dim}, got"
         f" {num_iters!r}."
     )
-  if tol is not None and not tol > 0:
-    raise ValueError(f"tol must be positive (or None), got {tol!r}.")
+  check_tol(tol)
   if max_matvecs is None:
     max_matvecs = 10 * num_iters
   if not isinstance(max_matvecs, int) or max_matvecs < num_iters:

@@ -558,8 +558,7 @@ def _low_rank_transform(
     batching.check_positive_int("num_iters", num_iters)
     if num_iters < k:
       raise ValueError(f"num_iters={num_iters} must be >= k={k}.")
-  if opts["tol"] is not None and not opts["tol"] > 0:
-    raise ValueError(f"tol must be positive (or None), got {opts['tol']!r}.")
+  curvature.check_tol(opts["tol"])
   if opts["max_matvecs"] is not None:
     batching.check_positive_int("max_matvecs", opts["max_matvecs"])
 
@@ -577,7 +576,8 @@ def _low_rank_transform(
     _check_k(k, params, who)
     eig_key, trace_key = jax.random.split(key)
     d = batching.num_params(params)
-    iters = min(d, max(2 * k, k + 10) if num_iters is None else num_iters)
+    iters = (curvature.default_num_iters(k, d) if num_iters is None
+             else min(num_iters, d))
     res = curvature.top_eigenpairs(
         operator(loss_fn, params, batch, chunk_size=opts["chunk_size"]),
         params, k, key=eig_key, num_iters=iters, tol=opts["tol"],
