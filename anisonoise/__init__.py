@@ -17,6 +17,8 @@ from anisonoise._src.curvature import EigenResult
 from anisonoise._src.curvature import hessian_operator
 from anisonoise._src.curvature import hvp
 from anisonoise._src.curvature import top_eigenpairs
+from anisonoise._src.dynamics import DYNAMICS
+from anisonoise._src.dynamics import dynamics_noise
 from anisonoise._src.diagnostics import GradientNoiseNorms
 from anisonoise._src.diagnostics import HessianSpectrum
 from anisonoise._src.diagnostics import MonteCarloEstimate
@@ -33,6 +35,7 @@ from anisonoise._src.diagnostics import ou_escape_efficiency
 from anisonoise._src.diagnostics import projection_coefficient
 from anisonoise._src.diagnostics import spectral_density
 from anisonoise._src.sums import Batches
+from anisonoise._src.sums import mean_gradient
 from anisonoise._src.transforms import DiagonalNoiseState
 from anisonoise._src.transforms import DynamicIsotropicNoiseState
 from anisonoise._src.transforms import HessianEigvecNoiseState
@@ -53,6 +56,7 @@ __version__ = "0.1.0"
 
 __all__ = (
     "Batches",
+    "DYNAMICS",
     "DiagonalNoiseState",
     "DynamicIsotropicNoiseState",
     "EigenResult",
@@ -72,6 +76,7 @@ __all__ = (
     "covariance_trace",
     "diagonal_noise",
     "dynamic_isotropic_noise",
+    "dynamics_noise",
     "escape_indicator",
     "escape_ratio",
     "expected_sharpness",
@@ -86,6 +91,7 @@ __all__ = (
     "isotropic_noise",
     "leading_noise",
     "map_chunks",
+    "mean_gradient",
     "num_examples",
     "ou_escape_efficiency",
     "per_example_grads",

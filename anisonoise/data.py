@@ -1,6 +1,12 @@
-"""Fashion-MNIST from the standard IDX files, and the paper's corrupted set.
+"""The paper's data sets from their standard files, validated.
 
-Sources, in the order ``source="auto"`` tries them:
+Fashion-MNIST (:func:`load_fashion_mnist`, and the paper's corrupted set),
+CIFAR-10 (:func:`load_cifar10`) and SVHN (:func:`load_svhn`). Every file is
+checked (shapes, dtypes, label range, counts) and an error names the file and
+what is wrong; when no source has the data, the error names every way to get
+it.
+
+Fashion-MNIST sources, in the order ``source="auto"`` tries them:
 
 1. the four IDX ``.gz`` files (``train-images-idx3-ubyte.gz`` ...) in
    ``data_dir``, else ``$ANISONOISE_FASHION_MNIST_DIR``, else
@@ -18,6 +24,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import pickle
 import struct
 import zlib
 from typing import NamedTuple
@@ -213,3 +220,276 @@ def corrupted_training_set(
   corrupted = np.zeros(n, bool)
   corrupted[num_clean:] = True
   return CorruptedSet(scale_images(images[:n]), y, y_true, corrupted)
+
+
+# --------------------------------------------------------------------------
+# CIFAR-10 and SVHN (32 x 32 colour images; the VGG11 studies)
+# --------------------------------------------------------------------------
+
+CIFAR10_ENV_VAR = "ANISONOISE_CIFAR10_DIR"
+CIFAR10_FILES = {
+    "train": tuple(f"data_batch_{i}" for i in range(1, 6)),
+    "test": ("test_batch",),
+}
+CIFAR10_PER_FILE = 10_000
+SVHN_ENV_VAR = "ANISONOISE_SVHN_DIR"
+SVHN_FILES = {"train": "train_32x32.mat", "test": "test_32x32.mat"}
+SVHN_SIZES = {"train": 73_257, "test": 26_032}
+_TFDS_NAMES = {"cifar10": "cifar10", "svhn": "svhn_cropped"}
+
+
+def _colour_missing_message(name: str, tried: list[str]) -> str:
+  files = {
+      "cifar10": ("the 'CIFAR-10 python version' directory"
+                  " (cifar-10-batches-py/ with data_batch_1 ... data_batch_5"
+                  " and test_batch, from"
+                  " https://www.cs.toronto.edu/~kriz/cifar.html)"),
+      "svhn": ("the cropped-digits files train_32x32.mat and test_32x32.mat"
+               " (from http://ufldl.stanford.edu/housenumbers/)"),
+  }[name]
+  env = {"cifar10": CIFAR10_ENV_VAR, "svhn": SVHN_ENV_VAR}[name]
+  return (
+      f"{name} not found (looked in: {', '.join(tried) or 'nothing'}). Get"
+      f" {files} and pass data_dir=... (--data-dir) or set ${env}; or install"
+      " TensorFlow Datasets (pip install 'anisonoise[data]') and prepare"
+      f" tfds '{_TFDS_NAMES[name]}' (tfds build {_TFDS_NAMES[name]})."
+  )
+
+
+def _check_images(path: str, images: np.ndarray, labels: np.ndarray,
+                  count: int | None) -> None:
+  if images.dtype != np.uint8:
+    raise DataError(f"{path}: images of dtype {images.dtype}, expected"
+                    " uint8.")
+  if images.ndim != 4 or images.shape[1:] != (32, 32, 3):
+    raise DataError(f"{path}: images of shape {images.shape[1:]}, expected"
+                    " (32, 32, 3).")
+  if images.shape[0] != labels.shape[0]:
+    raise DataError(f"{path}: {images.shape[0]} images but"
+                    f" {labels.shape[0]} labels.")
+  if count is not None and images.shape[0] != count:
+    raise DataError(f"{path}: {images.shape[0]} images, the standard file"
+                    f" holds {count}; it is truncated or not the standard"
+                    " file.")
+  if labels.size and (labels.min() < 0 or labels.max() > 9):
+    raise DataError(f"{path}: labels in {labels.min()}..{labels.max()},"
+                    " expected 0..9.")
+
+
+def read_cifar10_batch(path: str) -> tuple[np.ndarray, np.ndarray]:
+  """One pickled batch of the CIFAR-10 python version.
+
+  Args:
+    path: a ``data_batch_i`` or ``test_batch`` file (a pickled dict with
+      ``data``, ``uint8`` ``(10000, 3072)`` in channel-major order, and
+      ``labels``, 10,000 integers in 0..9).
+
+  Returns:
+    ``(images, labels)``: ``uint8`` ``(10000, 32, 32, 3)`` and ``(10000,)``.
+
+  Raises:
+    DataError: naming ``path``, if the file is not such a pickle or its
+      arrays have the wrong shape, dtype, count or label range.
+  """
+  try:
+    with open(path, "rb") as f:
+      raw = pickle.load(f, encoding="bytes")
+  except (OSError, EOFError, pickle.UnpicklingError, ValueError,
+          TypeError) as e:
+    raise DataError(f"{path}: not a readable CIFAR-10 pickle ({e}).") from e
+  if not isinstance(raw, dict):
+    raise DataError(f"{path}: holds a {type(raw).__name__}, expected the"
+                    " CIFAR-10 dict with 'data' and 'labels'.")
+  raw = {k.decode() if isinstance(k, bytes) else k: v for k, v in raw.items()}
+  if "data" not in raw or "labels" not in raw:
+    raise DataError(f"{path}: keys {sorted(raw)}, expected 'data' and"
+                    " 'labels'.")
+  data = np.asarray(raw["data"])
+  if data.ndim != 2 or data.shape[1] != 3072:
+    raise DataError(f"{path}: 'data' of shape {data.shape}, expected"
+                    " (N, 3072).")
+  labels = np.asarray(raw["labels"])
+  images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+  _check_images(path, images, labels, CIFAR10_PER_FILE)
+  return np.ascontiguousarray(images), labels.astype(np.uint8)
+
+
+def read_svhn_mat(path: str, count: int | None = None
+                  ) -> tuple[np.ndarray, np.ndarray]:
+  """One SVHN cropped-digits ``.mat`` file (``train_32x32.mat`` ...).
+
+  Args:
+    path: the file (MATLAB v5: ``X`` ``uint8`` ``(32, 32, 3, N)``, ``y``
+      ``(N, 1)`` in 1..10, where 10 means the digit 0).
+    count: the number of images the file must hold (``None``: any).
+
+  Returns:
+    ``(images, labels)``: ``uint8`` ``(N, 32, 32, 3)`` and labels ``(N,)``
+    in 0..9 (10 mapped to 0).
+
+  Raises:
+    DataError: naming ``path``, if the file is unreadable or its arrays
+      have the wrong shape, dtype, count or label range.
+  """
+  try:
+    import scipy.io
+  except ImportError as e:
+    raise DataError("reading SVHN's .mat files needs scipy (pip install"
+                    " 'anisonoise[data]').") from e
+  try:
+    raw = scipy.io.loadmat(path)
+  except (OSError, ValueError, TypeError) as e:
+    raise DataError(f"{path}: not a readable SVHN .mat file ({e}).") from e
+  if "X" not in raw or "y" not in raw:
+    raise DataError(f"{path}: holds {sorted(k for k in raw if k[0] != '_')},"
+                    " expected 'X' and 'y'.")
+  x, y = np.asarray(raw["X"]), np.asarray(raw["y"]).reshape(-1)
+  if x.ndim != 4 or x.shape[:3] != (32, 32, 3):
+    raise DataError(f"{path}: 'X' of shape {x.shape}, expected"
+                    " (32, 32, 3, N).")
+  if y.size and (y.min() < 1 or y.max() > 10):
+    raise DataError(f"{path}: 'y' in {y.min()}..{y.max()}, expected 1..10"
+                    " (10 meaning the digit 0).")
+  labels = np.where(y == 10, 0, y).astype(np.uint8)
+  images = np.ascontiguousarray(np.moveaxis(x, 3, 0))
+  _check_images(path, images, labels, count)
+  return images, labels
+
+
+def _load_tfds_colour(name: str, split: str) -> tuple[np.ndarray, np.ndarray]:
+  import tensorflow_datasets as tfds
+
+  source = tfds.data_source(_TFDS_NAMES[name], split=split)
+  items = [source[i] for i in range(len(source))]
+  images = np.stack([np.asarray(it["image"], np.uint8) for it in items]
+                    ) if items else np.zeros((0, 32, 32, 3), np.uint8)
+  labels = np.asarray([it["label"] for it in items], np.int64)
+  _check_images(f"tfds {_TFDS_NAMES[name]}[{split}]", images, labels, None)
+  return images, labels.astype(np.uint8)
+
+
+def _colour_dirs(data_dir: str | None, env: str) -> list[str]:
+  return [d for d in (data_dir, os.environ.get(env)) if d]
+
+
+def load_cifar10(
+    split: str = "train", *, data_dir: str | None = None,
+    source: str = "auto",
+) -> tuple[np.ndarray, np.ndarray]:
+  """CIFAR-10 images ``(n, 32, 32, 3)`` and labels ``(n,)``, as ``uint8``.
+
+  Looks, in this order, in ``data_dir``, in ``$ANISONOISE_CIFAR10_DIR``
+  (each either the ``cifar-10-batches-py`` directory or its parent), then in
+  TensorFlow Datasets (``cifar10``).
+
+  Args:
+    split: ``"train"`` (50,000, ``data_batch_1`` ... ``_5``) or ``"test"``
+      (10,000, ``test_batch``).
+    data_dir: directory of the python-version batches.
+    source: ``"auto"`` (files if found, else TFDS), ``"files"`` or ``"tfds"``.
+
+  Returns:
+    ``(images, labels)``.
+
+  Raises:
+    DataError: data missing (the message names every way to get it),
+      truncated or corrupt (the message names the file).
+
+  Example:
+    >>> from anisonoise import data
+    >>> images, labels = data.load_cifar10('test')  # doctest: +SKIP
+    >>> images.shape, labels.max()  # doctest: +SKIP
+    ((10000, 32, 32, 3), 9)
+  """
+  if split not in CIFAR10_FILES:
+    raise ValueError(f"split must be 'train' or 'test', got {split!r}.")
+  if source not in ("auto", "files", "tfds"):
+    raise ValueError(f"source must be 'auto', 'files' or 'tfds', got"
+                     f" {source!r}.")
+  tried = []
+  if source != "tfds":
+    for d in _colour_dirs(data_dir, CIFAR10_ENV_VAR):
+      for cand in (os.path.join(d, "cifar-10-batches-py"), d):
+        if os.path.exists(os.path.join(cand, CIFAR10_FILES[split][0])):
+          parts = []
+          for name in CIFAR10_FILES[split]:
+            path = os.path.join(cand, name)
+            if not os.path.exists(path):
+              raise DataError(f"{cand} holds {CIFAR10_FILES[split][0]} but"
+                              f" not {name}: the set is incomplete.")
+            parts.append(read_cifar10_batch(path))
+          return (np.concatenate([p[0] for p in parts]),
+                  np.concatenate([p[1] for p in parts]))
+      tried.append(d)
+    if source == "files":
+      raise DataError(_colour_missing_message("cifar10", tried))
+  return _tfds_or_error("cifar10", split, tried)
+
+
+def _tfds_or_error(name: str, split: str, tried: list[str]):
+  try:
+    import tensorflow_datasets  # noqa: F401
+  except ImportError as e:
+    raise DataError(_colour_missing_message(name, tried)) from e
+  try:
+    return _load_tfds_colour(name, split)
+  except DataError:
+    raise
+  except Exception as e:  # tfds raises several types for a missing set
+    raise DataError(_colour_missing_message(name, tried + ["tfds"])
+                    + f" (tfds: {e})") from e
+
+
+def load_svhn(
+    split: str = "train", *, data_dir: str | None = None,
+    source: str = "auto",
+) -> tuple[np.ndarray, np.ndarray]:
+  """SVHN cropped digits ``(n, 32, 32, 3)`` and labels ``(n,)`` in 0..9.
+
+  Looks, in this order, in ``data_dir``, in ``$ANISONOISE_SVHN_DIR``, then
+  in TensorFlow Datasets (``svhn_cropped``). The label 10 of the ``.mat``
+  files (the digit 0) becomes 0, as in TFDS.
+
+  Args:
+    split: ``"train"`` (``train_32x32.mat``, 73,257 images) or ``"test"``
+      (``test_32x32.mat``, 26,032 images). The paper's study trains on the
+      first 25,000 of the *test* file and tests on the *train* file; that
+      choice belongs to the study, not to this loader.
+    data_dir: directory of the ``.mat`` files.
+    source: ``"auto"`` (files if found, else TFDS), ``"files"`` or ``"tfds"``.
+
+  Returns:
+    ``(images, labels)``.
+
+  Raises:
+    DataError: data missing (the message names every way to get it),
+      truncated or corrupt (the message names the file).
+
+  Example:
+    >>> from anisonoise import data
+    >>> images, labels = data.load_svhn('test')  # doctest: +SKIP
+    >>> images.shape  # doctest: +SKIP
+    (26032, 32, 32, 3)
+  """
+  if split not in SVHN_FILES:
+    raise ValueError(f"split must be 'train' or 'test', got {split!r}.")
+  if source not in ("auto", "files", "tfds"):
+    raise ValueError(f"source must be 'auto', 'files' or 'tfds', got"
+                     f" {source!r}.")
+  tried = []
+  if source != "tfds":
+    for d in _colour_dirs(data_dir, SVHN_ENV_VAR):
+      path = os.path.join(d, SVHN_FILES[split])
+      if os.path.exists(path):
+        return read_svhn_mat(path, SVHN_SIZES[split])
+      tried.append(d)
+    if source == "files":
+      raise DataError(_colour_missing_message("svhn", tried))
+  return _tfds_or_error("svhn", split, tried)
+
+
+def scale_colour_images(images: np.ndarray) -> np.ndarray:
+  """``uint8`` ``(n, 32, 32, 3)`` images to float32 in [-1, 1] (per-channel
+  mean 0.5 and std 0.5 of ``[0, 1]`` pixels, torchvision's
+  ``Normalize((0.5,) * 3, (0.5,) * 3)``); no augmentation (App. D.4)."""
+  return images.astype(np.float32) / 127.5 - 1.0

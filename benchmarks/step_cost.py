@@ -41,18 +41,18 @@ def mlp_problem(n=1200, d_in=784, hidden=64, seed=0):
 
 
 def dynamics(refresh, chunk_size=None, m=M, k=K):
-  """name -> (transform or None, matvecs per refresh of its floor)."""
-  common = dict(batch_size=m, refresh_every=refresh, chunk_size=chunk_size)
+  """row label -> (transform or None, matvecs per refresh of its floor), the
+  noise-injected rows of ``anisonoise.DYNAMICS`` (SGD has no full-batch
+  step to time)."""
+  floor = {"GLD leading": k, "GLD Hessian": k, "GLD 1st eigvec(H)": 1}
+  label = {"GLD leading": f"GLD leading k={k}",
+           "GLD Hessian": f"GLD Hessian k={k}",
+           "GLD 1st eigvec(H)": "GLD 1st eigvec"}
   return {
-      "GD": (None, 0),
-      "GLD const": (anisonoise.isotropic_noise(1e-3), 0),
-      "GLD dynamic": (anisonoise.dynamic_isotropic_noise(**common), 0),
-      "GLD diag": (anisonoise.diagonal_noise(**common), 0),
-      f"GLD leading k={k}": (anisonoise.leading_noise(k, **common), k),
-      f"GLD Hessian k={k}": (anisonoise.hessian_noise(k, **common), k),
-      "GLD 1st eigvec": (anisonoise.hessian_eigvec_noise(**common), 1),
-      "GD + SGD noise": (anisonoise.sgd_noise(batch_size=m,
-                                              chunk_size=chunk_size), 0),
+      label.get(name, name): (anisonoise.dynamics_noise(
+          name, std=1e-3, k=k, batch_size=m, refresh_every=refresh,
+          chunk_size=chunk_size), floor.get(name, 0))
+      for name in anisonoise.DYNAMICS if name != "SGD"
   }
 
 

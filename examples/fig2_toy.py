@@ -60,15 +60,11 @@ def loss_fn(w: jax.Array, batch: dict) -> jax.Array:
 def dynamics() -> dict[str, optax.GradientTransformationExtraArgs | None]:
   """The compared noise transforms (``None`` is plain GD), built once so that
   repeated runs reuse the compiled simulations."""
-  return {
-      "GD": None,
-      "GLD const": anisonoise.isotropic_noise(math.sqrt(TRACE / 2)),
-      "GLD diag": anisonoise.diagonal_noise(trace=TRACE),
-      "GLD leading (k=2)": anisonoise.leading_noise(2, trace=TRACE),
-      "GLD Hessian (k=2)": anisonoise.hessian_noise(2, trace=TRACE),
-      "GLD 1st eigvec(H)": anisonoise.hessian_eigvec_noise(trace=TRACE),
-      "GD + SGD noise": anisonoise.sgd_noise(trace=TRACE),
-  }
+  # With a fixed trace GLD dynamic is GLD const, and SGD is GD + SGD noise.
+  return {name: anisonoise.dynamics_noise(name, std=math.sqrt(TRACE / 2),
+                                         k=2, trace=TRACE)
+          for name in anisonoise.DYNAMICS
+          if name not in ("GLD dynamic", "SGD")}
 
 
 def simulate(noise, key: jax.Array, num_runs: int):

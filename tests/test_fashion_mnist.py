@@ -1,5 +1,5 @@
-"""The Fashion-MNIST experiment (Figs. 3, 5, 7, 8) at tiny size: every
-artefact, checkpoints and resume equivalence."""
+"""The Fashion-MNIST study (Figs. 3, 5, 7, 8) at tiny size: every
+artefact, checkpoints and resume equivalence, and its command line."""
 
 import dataclasses
 import json
@@ -13,11 +13,16 @@ import pytest
 
 from conftest import write_fake_split
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
+EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "examples")
+sys.path.insert(0, os.path.join(EXAMPLES, "noisy_minima"))
 
-import fashion_mnist as fm  # noqa: E402
+import anisonoise  # noqa: E402
+import configs  # noqa: E402
+import main as study  # noqa: E402
+import models  # noqa: E402
+import train as fm  # noqa: E402
 
-TINY = fm.PRESETS["tiny"]
+TINY = configs.PRESETS["fashion_mnist"]["tiny"]
 
 
 @pytest.fixture(scope="module")
@@ -31,17 +36,16 @@ def data_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, data_dir):
   out = tmp_path_factory.mktemp("tiny")
-  return str(out), fm.run(str(out), "tiny", seed=0, data_dir=data_dir)
+  return str(out), fm.run(str(out), TINY, seed=0, data_dir=data_dir)
 
 
 def test_schedule():
-  assert fm._schedule(10, 4) == [4, 8, 10]
-  assert fm._schedule(100, 25, early=10, early_every=5) == [5, 10, 25, 50, 75,
+  assert fm.schedule(10, 4) == [4, 8, 10]
+  assert fm.schedule(100, 25, early=10, early_every=5) == [5, 10, 25, 50, 75,
                                                             100]
 
 
 def test_checkpoint_roundtrip_with_prng_keys(tmp_path):
-  import anisonoise
   params = {"w": jnp.arange(6.0).reshape(2, 3), "b": jnp.ones(3)}
   tx = anisonoise.hessian_noise(2, key=3)
   state = tx.init(params)
@@ -81,7 +85,7 @@ def test_tiny_run_writes_every_artefact(tiny_run):
 
   # GD phase: evaluations at 0, 3, 6 with accuracies in [0, 1].
   assert [r["step"] for r in on_disk["gd"]] == [0, 3, 6]
-  assert set(on_disk["dynamics"]) == set(fm.DYNAMICS)
+  assert set(on_disk["dynamics"]) == set(anisonoise.DYNAMICS)
   for name, hist in on_disk["dynamics"].items():
     assert [r["step"] for r in hist] == [0, 2, 4], name
     for r in hist:
@@ -95,7 +99,7 @@ def test_tiny_run_writes_every_artefact(tiny_run):
 
   # Deterministic GD and noisy dynamics leave theta_GD differently.
   final = {n: h[-1]["train_loss"] for n, h in on_disk["dynamics"].items()}
-  for name in fm.DYNAMICS:
+  for name in anisonoise.DYNAMICS:
     if name != "GD":
       assert final[name] != final["GD"], name
 
@@ -114,7 +118,7 @@ def test_tiny_run_writes_every_artefact(tiny_run):
       assert np.isfinite(r[key]), key
 
   table = open(os.path.join(out, "table.md")).read()
-  for name in fm.DYNAMICS:
+  for name in anisonoise.DYNAMICS:
     assert f"| {name} |" in table
   import matplotlib.image
   for fig in ("fig3", "fig5", "fig7", "fig8"):
@@ -122,7 +126,7 @@ def test_tiny_run_writes_every_artefact(tiny_run):
     assert img.shape[0] > 300 and img.std() > 0.01, fig
 
   # theta_GD is saved and loads into the model's parameters.
-  params, _, _ = fm.make_model(0)
+  params, _, _ = models.create(TINY, 0)
   theta, record = fm.load_checkpoint(os.path.join(out, "theta_gd.msgpack"),
                                      params)
   assert record["t"] == TINY.gd_steps
@@ -168,14 +172,25 @@ def test_killed_run_resumes_to_the_same_numbers(tmp_path, data_dir,
     fm.run(out, other, data_dir=data_dir, plot=False)
 
 
-def test_cli_missing_data_is_a_clear_error(tmp_path, monkeypatch, capsys):
+def test_cli_missing_data_is_a_clear_error(tmp_path, capsys):
   empty = tmp_path / "nothing-here"
   empty.mkdir()
-  monkeypatch.setattr(sys, "argv", [
-      "fashion_mnist.py", "--preset", "tiny", "--out", str(tmp_path / "o"),
-      "--data-dir", str(empty)])
   with pytest.raises(SystemExit) as exc:
-    fm.main()
+    study.main(["--preset", "tiny", "--out", str(tmp_path / "o"),
+                "--data-dir", str(empty)], dataset_default="fashion_mnist")
   assert exc.value.code == 2
   err = capsys.readouterr().err
   assert "error:" in err and str(empty) in err
+
+
+def test_fashion_mnist_command_keeps_its_options(tmp_path):
+  """``examples/fashion_mnist.py`` is the study's command with
+  ``--dataset fashion_mnist``: an unknown preset is named in the error."""
+  import subprocess
+  r = subprocess.run(
+      [sys.executable, os.path.join(EXAMPLES, "fashion_mnist.py"),
+       "--preset", "cpu", "--out", str(tmp_path)],
+      capture_output=True, text=True, timeout=120)
+  assert r.returncode == 2
+  assert "unknown preset 'cpu' for fashion_mnist" in r.stderr
+  assert "['paper', 'quick', 'tiny']" in r.stderr

@@ -1,0 +1,112 @@
+"""The compared dynamics of Table 1 (Zhu et al., 2019), by name.
+
+One table, used by every study, benchmark and test that compares the
+dynamics: the name of each row of Table 1 (plus SGD itself and GD + exact
+SGD noise) and the noise transform that turns a full-batch GD step into it.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable
+
+import optax
+
+from anisonoise._src import transforms
+
+DYNAMICS: tuple[str, ...] = (
+    "GD", "GLD const", "GLD dynamic", "GLD diag", "GLD leading",
+    "GLD Hessian", "GLD 1st eigvec(H)", "SGD", "GD + SGD noise",
+)
+
+_FACTORIES: dict[str, Callable[..., optax.GradientTransformationExtraArgs]
+                 | None] = {
+    "GD": None,
+    "GLD const": transforms.isotropic_noise,
+    "GLD dynamic": transforms.dynamic_isotropic_noise,
+    "GLD diag": transforms.diagonal_noise,
+    "GLD leading": transforms.leading_noise,
+    "GLD Hessian": transforms.hessian_noise,
+    "GLD 1st eigvec(H)": transforms.hessian_eigvec_noise,
+    "SGD": None,
+    "GD + SGD noise": transforms.sgd_noise,
+}
+
+
+def _accepted(factory) -> set[str]:
+  return set(inspect.signature(factory).parameters)
+
+
+def dynamics_noise(
+    name: str, *, std: float | None = None, k: int | None = None,
+    **settings: Any,
+) -> optax.GradientTransformationExtraArgs | None:
+  """The noise transform of one dynamics of Table 1, by its name.
+
+  Chained in front of ``optax.sgd(lr)`` and fed full-batch gradients, the
+  transform gives the dynamics named (paper Eq. 7)::
+
+    theta_{t+1} = theta_t - lr (grad L(theta_t) + eps_t),
+    eps_t ~ N(0, Sigma_t)
+
+  with ``Sigma_t`` the structure of the row of Table 1. ``"GD"`` (no noise)
+  and ``"SGD"`` (the noise of an actual minibatch gradient, which a training
+  loop gets by sampling the minibatch) return ``None``.
+
+  One set of settings serves every dynamics of a study: each factory takes
+  the keyword arguments it accepts (``batch_size``, ``trace``,
+  ``refresh_every``, ``key``, ``chunk_size``, the solver's ``num_iters``,
+  ``tol``, ``max_matvecs`` ...) and ignores those that do not apply to its
+  structure (``refresh_every`` means nothing to GLD const). A keyword that no
+  dynamics accepts is an error.
+
+  Args:
+    name: one of :data:`DYNAMICS`.
+    std: the standard deviation of GLD const (required for it).
+    k: the number of eigenpairs of GLD leading and GLD Hessian (required for
+      them).
+    **settings: keyword arguments of the factories (see above).
+
+  Returns:
+    The noise transform, or ``None`` for ``"GD"`` and ``"SGD"``.
+
+  Raises:
+    ValueError: for an unknown name, a keyword no factory accepts, or a
+      missing ``std`` / ``k``.
+
+  Example:
+    >>> import anisonoise
+    >>> tx = anisonoise.dynamics_noise('GLD Hessian', k=20, batch_size=20,
+    ...                                refresh_every=10, key=3)
+    >>> anisonoise.dynamics_noise('GLD const', std=1e-3, batch_size=20)
+    GradientTransformationExtraArgs(init=..., update=...)
+    >>> anisonoise.dynamics_noise('SGD') is None
+    True
+
+  References:
+    Zhu et al., "The Anisotropic Noise in Stochastic Gradient Descent",
+    ICML 2019, Table 1 and Section 5.
+  """
+  if name not in _FACTORIES:
+    raise ValueError(f"unknown dynamics {name!r}; choose from"
+                     f" {list(DYNAMICS)}.")
+  known = set().union(*(_accepted(f) for f in _FACTORIES.values() if f))
+  unknown = sorted(set(settings) - known)
+  if unknown:
+    raise ValueError(f"dynamics_noise: no dynamics takes {unknown}; the"
+                     f" factories take {sorted(known - {'std', 'k'})}.")
+  factory = _FACTORIES[name]
+  if factory is None:
+    return None
+  kwargs = {a: v for a, v in settings.items() if a in _accepted(factory)}
+  if name == "GLD const":
+    if std is None:
+      raise ValueError("dynamics_noise('GLD const') needs std=, the standard"
+                       " deviation of its isotropic noise.")
+    return factory(std, **kwargs)
+  if name in ("GLD leading", "GLD Hessian"):
+    if k is None:
+      raise ValueError(f"dynamics_noise({name!r}) needs k=, the number of"
+                       " eigenpairs.")
+    return factory(k, **kwargs)
+  return factory(**kwargs)

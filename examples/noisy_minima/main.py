@@ -1,0 +1,120 @@
+"""Which dynamics leave GD's sharp minimum, and where they end (Zhu et al.,
+ICML 2019): Figs. 3, 5, 7, 8 (Fashion-MNIST, LeNet, corrupted labels) and
+Figs. 1, 6 (SVHN and CIFAR-10, VGG11), one protocol for all three.
+
+Presets (``configs.PRESETS``): ``paper`` is each study's full protocol
+(meant for a GPU; resumable anywhere); Fashion-MNIST's ``quick`` and the
+VGG studies' ``cpu`` are reduced runs for a 2-core CPU (the README says what
+they reduce); ``tiny`` exercises every code path in seconds.
+
+Usage:
+  python examples/noisy_minima/main.py --dataset fashion_mnist --preset quick
+  python examples/noisy_minima/main.py --dataset svhn --preset cpu \\
+      --data-dir ~/data/svhn --out results/svhn
+  python examples/noisy_minima/main.py --figure1 results/svhn \\
+      results/cifar10 --out results/fig1.png
+
+Outputs in ``--out``: ``results.json``, ``table.md``, the figures,
+``theta_gd.msgpack`` and ``checkpoints/`` (a killed run started again with
+the same arguments resumes from its last checkpoint).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+
+import anisonoise
+from anisonoise import data
+
+import configs
+import plots
+import train
+
+DATA_HELP = {
+    "fashion_mnist": f"the four IDX .gz files (default ${data.ENV_VAR}, else"
+                     f" {data.DEFAULT_DIR}, else TFDS)",
+    "svhn": f"train_32x32.mat / test_32x32.mat (default ${data.SVHN_ENV_VAR},"
+            " else TFDS svhn_cropped)",
+    "cifar10": "the cifar-10-batches-py directory or its parent (default"
+               f" ${data.CIFAR10_ENV_VAR}, else TFDS cifar10)",
+}
+
+
+def parse_args(argv=None, dataset_default: str | None = None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--dataset", default=dataset_default,
+                      help=f"one of {list(configs.DATASETS)}")
+  parser.add_argument("--preset", default=None,
+                      help="fashion_mnist: paper, quick (default), tiny;"
+                      " svhn / cifar10: paper, cpu (default), tiny")
+  parser.add_argument("--out", default=None,
+                      help="output directory (default results/<dataset>)")
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--data-dir", default=None, help="; ".join(
+      f"{k}: {v}" for k, v in DATA_HELP.items()))
+  parser.add_argument("--steps", type=int, default=None,
+                      help="override the preset's steps per dynamics")
+  parser.add_argument("--dynamics", nargs="+", default=None,
+                      help=f"a subset of {list(anisonoise.DYNAMICS)}")
+  parser.add_argument("--chunk-size", type=int, default=None,
+                      help="override the preset's examples per pass")
+  parser.add_argument("--svhn-split", choices=("paper", "standard"),
+                      default=None, help="SVHN: the authors' split (train on"
+                      " test_32x32.mat[:25000]; default) or the standard one")
+  parser.add_argument("--restart", action="store_true",
+                      help="discard checkpoints in --out")
+  parser.add_argument("--figure1", nargs="+", metavar="RUN_DIR",
+                      help="draw Fig. 1 from finished runs' results.json"
+                      " (one panel each) into --out (a .png path)")
+  return parser, parser.parse_args(argv)
+
+
+def config_from_args(args) -> configs.Config:
+  preset = args.preset or ("quick" if args.dataset == "fashion_mnist"
+                           else "cpu")
+  cfg = configs.get_config(args.dataset, preset)
+  overrides = {"steps": args.steps, "chunk_size": args.chunk_size,
+               "svhn_split": args.svhn_split,
+               "dynamics": tuple(args.dynamics) if args.dynamics else None}
+  return dataclasses.replace(
+      cfg, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def main(argv=None, dataset_default: str | None = None) -> None:
+  parser, args = parse_args(argv, dataset_default)
+  if args.figure1:
+    summaries = []
+    for d in args.figure1:
+      path = os.path.join(d, "results.json")
+      if not os.path.exists(path):
+        parser.exit(2, f"error: {path} does not exist; run the study"
+                    " first.\n")
+      with open(path) as f:
+        summaries.append(json.load(f))
+    out = args.out or "fig1.png"
+    plots.figure1(summaries, out)
+    print(f"wrote {out}")
+    return
+  if args.dataset is None:
+    parser.exit(2, f"error: --dataset is required; one of"
+                f" {list(configs.DATASETS)}.\n")
+  out = args.out or os.path.join("results", args.dataset)
+  t0 = time.perf_counter()
+  try:
+    cfg = config_from_args(args)
+    summary = train.run(out, cfg, args.seed, args.data_dir, args.restart)
+  except (data.DataError, train.ConfigMismatch, ValueError) as e:
+    parser.exit(2, f"error: {e}\n")
+  print(train.markdown_table(summary))
+  print("\nseconds:", {k: round(v, 1) for k, v in summary["timings"].items()})
+  print(f"wrote {out}/results.json, table.md and figures in"
+        f" {time.perf_counter() - t0:.1f} s")
+
+
+if __name__ == "__main__":
+  sys.exit(main())

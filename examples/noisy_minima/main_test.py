@@ -1,0 +1,106 @@
+"""Smoke test of the study package: the VGG11 path at tiny size (synthetic
+images), its artefacts and figures, and the command line's errors. The
+Fashion-MNIST study's own tests are ``tests/test_fashion_mnist.py``."""
+
+import json
+import os
+
+import matplotlib.image
+import numpy as np
+import pytest
+
+import anisonoise
+import configs
+import main
+import train
+
+
+@pytest.fixture(scope="module")
+def vgg_run(tmp_path_factory):
+  out = str(tmp_path_factory.mktemp("svhn_tiny"))
+  main.main(["--dataset", "svhn", "--preset", "tiny", "--out", out])
+  with open(os.path.join(out, "results.json")) as f:
+    return out, json.load(f)
+
+
+def test_vgg_tiny_run_writes_every_artefact(vgg_run):
+  out, summary = vgg_run
+  cfg = configs.PRESETS["svhn"]["tiny"]
+  assert summary["config"]["model"] == "vgg11"
+  assert summary["data"] == {
+      "num_train": cfg.num_train, "num_corrupted": 0, "corrupted_indices": [],
+      "corrupted_label_changed": 0, "num_test": cfg.num_test}
+  # The reduced-width network: every layer scaled, parameters counted.
+  assert 0 < summary["num_params"] < 9_750_922
+  assert list(summary["dynamics"]) == list(cfg.dynamics)
+  for name, hist in summary["dynamics"].items():
+    assert [r["step"] for r in hist] == [0, 2, 4], name
+    assert "train_acc_corrupted" not in hist[-1]
+    assert 0 <= hist[-1]["test_acc"] <= 1
+    assert np.isfinite(hist[-1]["sharpness"])
+    assert hist[0]["train_loss"] == summary["gd"][-1]["train_loss"]
+  final = {n: h[-1]["train_loss"] for n, h in summary["dynamics"].items()}
+  assert len(set(final.values())) == len(final)  # noise changed each run
+  assert len(summary["spectrum"]["eigenvalues"]) == cfg.spectrum_eigs
+  table = open(os.path.join(out, "table.md")).read()
+  assert "corrupted" not in table
+  for name in cfg.dynamics:
+    assert f"| {name} |" in table
+  for fig in ("fig1", "fig6", "fig8"):
+    img = matplotlib.image.imread(os.path.join(out, f"{fig}.png"))
+    assert img.shape[0] > 300 and img.std() > 0.01, fig
+
+
+def test_figure1_joins_runs(vgg_run, tmp_path):
+  out, _ = vgg_run
+  path = str(tmp_path / "fig1.png")
+  main.main(["--figure1", out, out, "--out", path])
+  img = matplotlib.image.imread(path)
+  assert img.shape[1] > 1.8 * img.shape[0]  # two panels side by side
+  with pytest.raises(SystemExit):
+    main.main(["--figure1", str(tmp_path), "--out", path])
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--dataset", "mnist"], "unknown dataset 'mnist'"),
+    (["--dataset", "svhn", "--preset", "quick"],
+     "unknown preset 'quick' for svhn; choose from ['paper', 'cpu', 'tiny']"),
+    (["--dataset", "cifar10", "--preset", "tiny", "--dynamics", "Adam"],
+     "unknown dynamics ['Adam']"),
+    ([], "--dataset is required"),
+])
+def test_command_line_errors(argv, message, tmp_path, capsys):
+  with pytest.raises(SystemExit) as exc:
+    main.main(argv + ["--out", str(tmp_path)])
+  assert exc.value.code == 2
+  assert message in capsys.readouterr().err
+
+
+def test_missing_cifar10_names_every_way(tmp_path, capsys, monkeypatch):
+  monkeypatch.delenv(anisonoise.data.CIFAR10_ENV_VAR, raising=False)
+  with pytest.raises(SystemExit):
+    main.main(["--dataset", "cifar10", "--preset", "cpu", "--data-dir",
+               str(tmp_path), "--out", str(tmp_path / "o")])
+  err = capsys.readouterr().err
+  assert str(tmp_path) in err and "ANISONOISE_CIFAR10_DIR" in err
+
+
+def test_paper_presets_follow_the_appendix():
+  for name, gd_steps, n in (("svhn", 3000, 25_000), ("cifar10", 4000,
+                                                     50_000)):
+    cfg = configs.PRESETS[name]["paper"]
+    assert (cfg.model, cfg.vgg_width, cfg.lr, cfg.gd_lr, cfg.batch_size,
+            cfg.const_std, cfg.refresh_diagonal, cfg.sharpness_samples,
+            cfg.sharpness_delta) == ("vgg11", 1.0, 0.05, 0.05, 100, 1e-3, 10,
+                                     100, 0.01)
+    assert (cfg.gd_steps, cfg.num_train) == (gd_steps, n)
+    assert cfg.dynamics == ("GD", "GLD const", "GLD dynamic", "GLD diag",
+                            "SGD")
+  assert configs.PRESETS["svhn"]["paper"].svhn_split == "paper"
+
+
+def test_tx_comes_from_the_library_table():
+  cfg = configs.PRESETS["fashion_mnist"]["paper"]
+  for name in anisonoise.DYNAMICS:
+    tx = train.make_tx(name, cfg, seed=0)
+    assert hasattr(tx, "update"), name

@@ -1,0 +1,182 @@
+"""The paper's figures, drawn from a study's ``results.json`` summary.
+
+Fashion-MNIST: Fig. 3 (training accuracy, test accuracy and expected
+sharpness against the iteration), Fig. 5 (the spectrum at theta_GD; along
+SGD the projection coefficient and Tr(H Sigma) against Tr(H Sigma_bar)),
+Fig. 7 (gradient and noise norms along SGD) and Fig. 8 (the first
+iterations after theta_GD). SVHN and CIFAR-10: Fig. 6 (Fig. 3's layout)
+and Fig. 1 (the final test accuracy of each dynamics, one panel per data
+set; :func:`figure1` joins several studies).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+import anisonoise.plotting
+
+TITLES = {
+    "fashion_mnist": "FashionMNIST, {num_clean} + {num_corrupt} corrupted"
+                     " labels",
+    "svhn": "SVHN, VGG11 (width {vgg_width}), {num_train} training images",
+    "cifar10": "CIFAR-10, VGG11 (width {vgg_width}), {num_train} training"
+               " images",
+}
+
+
+def _plt():
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  return plt
+
+
+def _series(hist, key, offset=0):
+  rows = [r for r in hist if key in r]
+  return (np.array([r["step"] + offset for r in rows]),
+          np.array([r[key] for r in rows]))
+
+
+def _title(summary: dict) -> str:
+  cfg = dict(summary["config"])
+  cfg["num_train"] = summary["data"]["num_train"]
+  title = TITLES[cfg["dataset"]].format(**cfg)
+  return title + " (synthetic images)" if cfg.get("synthetic") else title
+
+
+def plot_curves(summary: dict, path: str) -> None:
+  """Fig. 3 / Fig. 6: training accuracy, test accuracy and expected
+  sharpness against the iteration, theta_GD marked by a dashed line and the
+  final test accuracy of each dynamics in the legend."""
+  plt = _plt()
+  gd = summary["gd"]
+  t_gd = summary["config"]["gd_steps"]
+  steps = summary["config"]["steps"]
+  dyn = summary["dynamics"]
+  fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+  for ax, key, label in zip(axes, ("train_acc", "test_acc", "sharpness"),
+                            ("training accuracy", "test accuracy",
+                             "expected sharpness")):
+    x, y = _series(gd, key)
+    ax.plot(x, y, "k.-", lw=0.8, ms=3, label="GD to theta_GD")
+    for i, (name, hist) in enumerate(dyn.items()):
+      x, y = _series(hist, key, t_gd)
+      lab = f"{name} ({y[-1]:.3f})" if key == "test_acc" else name
+      ax.plot(x, y, color=f"C{i}", lw=1.2, label=lab)
+    ax.axvline(t_gd, color="k", ls="--", lw=0.8)
+    ax.set(xlabel="iteration", ylabel=label)
+    if steps < t_gd / 4:  # a short run: zoom on theta_GD and after
+      ax.set_xlim(t_gd - 2 * steps, t_gd + 1.05 * steps)
+    if key == "sharpness":
+      vals = [r[key] for h in (gd, *dyn.values()) for r in h if key in r]
+      if vals and min(vals) > 0:
+        ax.set_yscale("log")
+      else:
+        ax.set_yscale("symlog", linthresh=1e-4)
+  axes[1].legend(fontsize=7)
+  fig.suptitle(_title(summary) + " (dashed: theta_GD)")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def plot_early(summary: dict, path: str) -> None:
+  """Fig. 8: accuracies over the first iterations after theta_GD."""
+  plt = _plt()
+  early = summary["config"]["early_steps"]
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+  for ax, key, label in zip(axes, ("train_acc", "test_acc"),
+                            ("training accuracy", "test accuracy")):
+    for i, (name, hist) in enumerate(summary["dynamics"].items()):
+      x, y = _series([r for r in hist if r["step"] <= early], key)
+      ax.plot(x, y, ".-", color=f"C{i}", ms=3, lw=1.2, label=name)
+    ax.set(xlabel="iteration after theta_GD", ylabel=label)
+  axes[0].legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def plot_escape(summary: dict, path: str) -> None:
+  """Fig. 5: the spectrum at theta_GD; along SGD, the projection
+  coefficient and ``Tr(H Sigma)`` against ``Tr(H Sigma_bar)``."""
+  plt = _plt()
+  fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+  ev = np.asarray(summary["spectrum"]["eigenvalues"])
+  anisonoise.plotting.plot_hessian_spectrum(np.maximum(ev, 1e-12), axes[0])
+  axes[0].set_title("top Hessian eigenvalues at theta_GD")
+  sgd = summary["dynamics"].get("SGD", [])
+  x, a = _series(sgd, "projection_coefficient")
+  axes[1].plot(x, a, "o-", ms=3)
+  axes[1].set(xlabel="SGD iteration after theta_GD",
+              ylabel="projection coefficient a", yscale="log")
+  x, hs = _series(sgd, "tr_h_sigma")
+  _, hsb = _series(sgd, "tr_h_sigma_bar")
+  axes[2].plot(x, np.maximum(hs, 1e-30), "o-", ms=3, label="Tr(H Sigma)")
+  axes[2].plot(x, np.maximum(hsb, 1e-30), "s--", ms=3,
+               label="Tr(H Sigma_bar)")
+  axes[2].set(xlabel="SGD iteration after theta_GD", ylabel="indicator",
+              yscale="log")
+  axes[2].legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def plot_norms(summary: dict, path: str) -> None:
+  """Fig. 7: mean-gradient norm against expected noise norm along SGD."""
+  plt = _plt()
+  sgd = summary["dynamics"].get("SGD", [])
+  fig, ax = plt.subplots(figsize=(6, 4.2))
+  x, g = _series(sgd, "grad_norm")
+  _, s = _series(sgd, "noise_norm")
+  ax.plot(x, g, ".-", label="||grad L|| (mean gradient)")
+  ax.plot(x, s, ".-", label="sqrt(Tr Sigma) (expected noise norm)")
+  ax.set(xlabel="SGD iteration after theta_GD", ylabel="L2 norm",
+         yscale="log")
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def figure1(summaries: list[dict], path: str) -> None:
+  """Fig. 1: the final test accuracy of each dynamics, one panel per study
+  (SVHN left, CIFAR-10 right in the paper), theta_GD's as a dashed line."""
+  plt = _plt()
+  fig, axes = plt.subplots(1, len(summaries),
+                           figsize=(6 * len(summaries), 4.2), squeeze=False)
+  for ax, summary in zip(axes[0], summaries):
+    names = list(summary["table"])
+    acc = [summary["table"][n]["test_acc"] for n in names]
+    ax.bar(range(len(names)), acc, color=[f"C{i}" for i in range(len(names))])
+    for i, a in enumerate(acc):
+      ax.text(i, a, f"{a:.3f}", ha="center", va="bottom", fontsize=7)
+    ax.axhline(summary["gd"][-1]["test_acc"], color="k", ls="--", lw=0.8,
+               label="theta_GD")
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right",
+                  fontsize=8)
+    lo = min(acc + [summary["gd"][-1]["test_acc"]])
+    ax.set_ylim(max(0.0, lo - 0.05), min(1.0, max(acc) + 0.03))
+    ax.set(ylabel="test accuracy", title=_title(summary))
+    ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def plot_study(summary: dict, out: str) -> list[str]:
+  """Every figure of one study into ``out``; returns the file names."""
+  if summary["config"]["dataset"] == "fashion_mnist":
+    figs = {"fig3.png": plot_curves, "fig8.png": plot_early,
+            "fig5.png": plot_escape, "fig7.png": plot_norms}
+  else:
+    figs = {"fig6.png": plot_curves,
+            "fig1.png": lambda s, p: figure1([s], p)}
+    if summary["config"]["early_steps"]:
+      figs["fig8.png"] = plot_early
+  for name, fn in figs.items():
+    fn(summary, os.path.join(out, name))
+  return list(figs)

@@ -1,0 +1,541 @@
+"""The study protocol: GD to a sharp minimum, then every dynamics from it.
+
+1. Full-batch GD (``gd_lr``) from the network's initialisation for
+   ``gd_steps`` iterations reaches a sharp minimum ``theta_GD``; it is saved.
+2. Fig. 5 (left): the top Hessian eigenvalues at ``theta_GD``.
+3. From ``theta_GD``, each dynamics of Table 1 (``anisonoise.DYNAMICS``)
+   runs at the common learning rate ``lr``, the noise magnitudes matched to
+   SGD's with minibatch size ``batch_size`` (``Tr Sigma = Tr C / m``, Eq.
+   14); GLD const uses its own ``const_std``.
+4. Recorded along the way: training accuracy on all, clean and corrupted
+   examples (against the training labels), test accuracy, losses, the
+   expected sharpness ``E L(theta + nu) - L(theta)`` with ``nu ~ N(0,
+   delta^2 I)`` (the same draws at every evaluation: common random
+   numbers), and along SGD the Fig. 5 / Fig. 7 diagnostics.
+
+Every full-batch pass (gradient, noise estimate, evaluation) runs in chunks
+of ``chunk_size`` examples, so the VGG11 studies' 25,000-50,000 images fit;
+under a device mesh (``jax.set_mesh``) with the batch sharded along its
+examples, every pass is data-parallel. A killed run started again with the
+same settings resumes from its last checkpoint and ends with the same
+numbers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import serialization
+
+import anisonoise
+
+import configs
+import input_pipeline
+import models
+import plots
+
+SCAN_CHUNK = 25  # most steps run per jitted call (progress updates between)
+EVAL_CHUNK = 2000  # examples per evaluation pass when chunk_size is None
+
+# What each phase's checkpoint must agree on (so that adding a dynamics
+# later reuses theta_GD).
+_GD_KEYS = ("dataset", "model", "vgg_width", "synthetic", "num_clean",
+            "num_corrupt", "num_train", "num_test", "svhn_split", "gd_lr",
+            "gd_steps", "gd_eval_every", "gd_sharpness_every",
+            "sharpness_samples", "sharpness_delta", "seed")
+
+
+class ConfigMismatch(ValueError):
+  """A checkpoint written with different settings than the current run."""
+
+
+# --------------------------------------------------------------------------
+# The dynamics
+# --------------------------------------------------------------------------
+
+
+def make_tx(name: str, cfg: configs.Config, seed: int):
+  """The optax transform of one dynamics: its noise (from the library's
+  one table, :func:`anisonoise.dynamics_noise`) then ``sgd(lr)``."""
+  solver = {} if cfg.lanczos_iters is None else {
+      "num_iters": (min(cfg.lanczos_iters, 11) if name == "GLD 1st eigvec(H)"
+                    else cfg.lanczos_iters)}
+  noise = anisonoise.dynamics_noise(
+      name, std=cfg.const_std, k=cfg.k, batch_size=cfg.batch_size,
+      refresh_every=cfg.refresh_every(name),
+      key=seed * 1000 + anisonoise.DYNAMICS.index(name),
+      chunk_size=cfg.chunk_size, **solver)
+  sgd = optax.sgd(cfg.lr)
+  return sgd if noise is None else optax.chain(noise, sgd)
+
+
+def _mean_grad(loss_fn, chunk_size):
+  if chunk_size is None:
+    return jax.grad(lambda p, b: jnp.mean(loss_fn(p, b)))
+  return lambda p, b: anisonoise.mean_gradient(loss_fn, p, b,
+                                               chunk_size=chunk_size)
+
+
+def _advance_fn(step):
+  """``advance(carry, t0, batch, length)``: ``length`` steps under one jitted
+  ``lax.scan`` (about 25% faster per GD step than a Python loop over a jitted
+  step on a CPU: 0.118 s against 0.162 s for the LeNet step); one compile
+  per distinct ``length``."""
+
+  @functools.partial(jax.jit, static_argnames="length")
+  def advance(carry, t0, batch, length):
+    def body(c, t):
+      return step(c, t, batch), None
+    return jax.lax.scan(body, carry, t0 + jnp.arange(length))[0]
+
+  return advance
+
+
+def gd_step(loss_fn, lr, chunk_size=None):
+  grad = _mean_grad(loss_fn, chunk_size)
+
+  def step(params, t, batch):
+    del t
+    return jax.tree.map(lambda p, d: p - lr * d, params, grad(params, batch))
+  return step
+
+
+def noise_step(loss_fn, tx, chunk_size=None):
+  grad = _mean_grad(loss_fn, chunk_size)
+
+  def step(carry, t, batch):
+    del t
+    params, state = carry
+    updates, state = tx.update(grad(params, batch), state, params,
+                               loss_fn=loss_fn, batch=batch)
+    return optax.apply_updates(params, updates), state
+  return step
+
+
+def sgd_step(loss_fn, tx, m, n, seed):
+  """SGD with ``m`` distinct examples per step, drawn afresh each step from
+  a key folded with the step number (so a resumed run draws the same)."""
+  base = jax.random.key(seed + 23)
+
+  def step(carry, t, batch):
+    params, state = carry
+    idx = jax.random.choice(jax.random.fold_in(base, t), n, (m,),
+                            replace=False)
+    mini = jax.tree.map(lambda x: x[idx], batch)
+    g = jax.grad(lambda p: jnp.mean(loss_fn(p, mini)))(params)
+    updates, state = tx.update(g, state, params)
+    return optax.apply_updates(params, updates), state
+  return step
+
+
+# --------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------
+
+
+def _to_storable(tree) -> list[np.ndarray]:
+  out = []
+  for leaf in jax.tree.leaves(tree):
+    if jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+      leaf = jax.random.key_data(leaf)
+    out.append(np.asarray(leaf))
+  return out
+
+
+def _from_storable(template, leaves: list[np.ndarray]):
+  t_leaves, treedef = jax.tree.flatten(template)
+  if len(t_leaves) != len(leaves):
+    raise ConfigMismatch(f"checkpoint holds {len(leaves)} arrays, the run"
+                         f" expects {len(t_leaves)}.")
+  restored = []
+  for t, x in zip(t_leaves, leaves):
+    if jnp.issubdtype(t.dtype, jax.dtypes.prng_key):
+      restored.append(jax.random.wrap_key_data(jnp.asarray(x)))
+    else:
+      if tuple(x.shape) != tuple(t.shape):
+        raise ConfigMismatch(f"checkpoint array of shape {x.shape}, the run"
+                             f" expects {t.shape}.")
+      restored.append(jnp.asarray(x, t.dtype))
+  return jax.tree.unflatten(treedef, restored)
+
+
+def save_checkpoint(path: str, tree, record: dict) -> None:
+  """Writes ``tree`` (any pytree of arrays, PRNG keys included) and a JSON
+  record atomically (write to a temporary file, then rename)."""
+  blob = serialization.msgpack_serialize(
+      {"leaves": _to_storable(tree), "record": json.dumps(record)})
+  tmp = path + ".tmp"
+  with open(tmp, "wb") as f:
+    f.write(blob)
+  os.replace(tmp, path)
+  _on_checkpoint(path)
+
+
+def load_checkpoint(path: str, template):
+  """``(tree, record)`` from :func:`save_checkpoint`, or ``None``."""
+  if not os.path.exists(path):
+    return None
+  with open(path, "rb") as f:
+    raw = serialization.msgpack_restore(f.read())
+  leaves = raw["leaves"]
+  if isinstance(leaves, dict):  # msgpack may return lists as indexed dicts
+    leaves = [leaves[str(i)] for i in range(len(leaves))]
+  return _from_storable(template, leaves), json.loads(raw["record"])
+
+
+def _on_checkpoint(path: str) -> None:
+  """Hook called after every checkpoint (tests use it to kill a run)."""
+
+
+# --------------------------------------------------------------------------
+# Measurements
+# --------------------------------------------------------------------------
+
+
+def _floats(d: dict) -> dict:
+  return {k: float(v) for k, v in d.items()}
+
+
+def make_measures(loss_fn, logits_fn, cfg: configs.Config,
+                  corrupted: np.ndarray, seed: int):
+  """Evaluation functions (jitted; data always passed as arguments)."""
+  sharp_key = jax.random.key(seed + 17)
+  chunk = cfg.chunk_size
+
+  @jax.jit
+  def sums(params, x, y, corrupt):
+    logits = logits_fn(params, x)
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+    acc = (jnp.argmax(logits, -1) == y).astype(jnp.float32)
+    return (jnp.sum(loss), jnp.sum(acc), jnp.sum(jnp.where(corrupt, acc, 0.0)))
+
+  def totals(params, batch, corrupt):
+    n = batch["y"].shape[0]
+    step = chunk or EVAL_CHUNK
+    parts = [sums(params, batch["x"][i:i + step], batch["y"][i:i + step],
+                  corrupt[i:i + step]) for i in range(0, n, step)]
+    return [sum(float(p[j]) for p in parts) for j in range(3)]
+
+  corrupt_train = jnp.asarray(corrupted)
+  n_c = int(corrupted.sum())
+  n_k = len(corrupted) - n_c
+
+  def metrics(params, train, test):
+    n = train["y"].shape[0]
+    loss, acc, acc_c = totals(params, train, corrupt_train)
+    row = {"train_loss": loss / n, "train_acc": acc / n}
+    if n_c:
+      row["train_acc_clean"] = (acc - acc_c) / max(n_k, 1)
+      row["train_acc_corrupted"] = acc_c / n_c
+    m = test["y"].shape[0]
+    loss, acc, _ = totals(params, test, jnp.zeros(m, bool))
+    row["test_loss"], row["test_acc"] = loss / m, acc / m
+    return row
+
+  @jax.jit
+  def sharpness(params, train):
+    est = anisonoise.expected_sharpness(
+        loss_fn, params, train, key=sharp_key, delta=cfg.sharpness_delta,
+        num_samples=cfg.sharpness_samples, chunk_size=chunk)
+    return {"sharpness": est.mean, "sharpness_sem": est.stderr}
+
+  @jax.jit
+  def norms(params, train):
+    r = anisonoise.gradient_noise_norms(loss_fn, params, train,
+                                        batch_size=cfg.batch_size,
+                                        chunk_size=chunk)
+    return {"grad_norm": r.gradient_norm, "noise_norm": r.noise_norm}
+
+  @jax.jit
+  def escape(params, train, key):
+    k1, k2, k3 = jax.random.split(key, 3)
+    s = cfg.diag_samples
+    tr_hs = anisonoise.escape_indicator(
+        loss_fn, params, train, batch_size=cfg.batch_size,
+        method="stochastic", key=k1, num_samples=s, chunk_size=chunk)
+    tr_hs_bar = anisonoise.isotropic_escape_indicator(
+        loss_fn, params, train, batch_size=cfg.batch_size,
+        hessian_trace_method="hutchinson", key=k2, num_probes=s,
+        chunk_size=chunk)
+    a = anisonoise.projection_coefficient(
+        loss_fn, params, train, key=k3, num_iters=cfg.diag_lanczos_iters,
+        hessian_trace_method="hutchinson", num_probes=s, chunk_size=chunk)
+    return {"tr_h_sigma": tr_hs.mean, "tr_h_sigma_sem": tr_hs.stderr,
+            "tr_h_sigma_bar": tr_hs_bar, "projection_coefficient": a}
+
+  return metrics, sharpness, norms, escape
+
+
+# --------------------------------------------------------------------------
+# The phases
+# --------------------------------------------------------------------------
+
+
+def schedule(total: int, every: int, early: int = 0,
+             early_every: int = 1) -> list[int]:
+  """Sorted evaluation steps in ``1..total`` (always including ``total``)."""
+  pts = set(range(every, total + 1, every)) | {total}
+  if early:
+    pts |= set(range(early_every, min(early, total) + 1, early_every))
+  return sorted(p for p in pts if p >= 1)
+
+
+def _run_phase(
+    name: str, path: str, config: dict, carry, advance: Callable,
+    total: int, points: list[int], evaluate: Callable, bar,
+):
+  """Steps ``carry`` to ``total``, evaluating at ``points`` and saving a
+  checkpoint after each evaluation; resumes from ``path`` if present."""
+  history: list[dict] = []
+  t = 0
+  restored = load_checkpoint(path, carry)
+  if restored is not None:
+    carry, record = restored
+    if record["config"] != config:
+      raise ConfigMismatch(
+          f"{path} was written by a run with different settings; use another"
+          " --out or pass --restart to discard it.")
+    t, history = record["t"], record["history"]
+    bar.update(t)
+  if t == 0 and not history:
+    history.append(evaluate(carry, 0))
+    save_checkpoint(path, carry, {"config": config, "t": 0,
+                                  "history": history})
+  # One scan length for the whole phase (one compilation): the largest
+  # common divisor of the segments, at most SCAN_CHUNK.
+  chunk = functools.reduce(math.gcd, np.diff([0, *points]).tolist())
+  chunk = max(d for d in range(1, min(chunk, SCAN_CHUNK) + 1)
+              if chunk % d == 0)
+  for p in points:
+    if p <= t:
+      continue
+    bar.set_description(name)
+    while t < p:
+      length = min(p - t, chunk)
+      carry = advance(carry, t, length)
+      t += length
+      bar.update(length)
+    history.append(evaluate(carry, t))
+    bar.set_postfix({k: f"{history[-1][k]:.3g}" for k in
+                     ("train_acc", "test_acc") if k in history[-1]})
+    save_checkpoint(path, carry, {"config": config, "t": t,
+                                  "history": history})
+  return carry, history
+
+
+def slug(name: str) -> str:
+  """A file-name form of a dynamics' name."""
+  s = name.lower().replace(" ", "_").replace("(", "").replace(")", "")
+  return s.replace("+", "plus").replace(".", "")
+
+
+def run(out: str, cfg: configs.Config, seed: int = 0,
+        data_dir: str | None = None, restart: bool = False,
+        plot: bool = True) -> dict:
+  """Runs (or resumes) a study; returns the summary written to
+  ``results.json`` (plus ``timings``, seconds per phase)."""
+  from tqdm import tqdm
+
+  configs.check(cfg)
+  config = dict(dataclasses.asdict(cfg), seed=seed)
+  config["dynamics"] = list(cfg.dynamics)
+  gd_config = {k: config[k] for k in _GD_KEYS}
+  dyn_config = {k: v for k, v in config.items()
+                if k not in ("dynamics", "spectrum_eigs", "spectrum_iters")}
+  ckpt = os.path.join(out, "checkpoints")
+  if restart and os.path.isdir(ckpt):
+    for f in os.listdir(ckpt):
+      os.remove(os.path.join(ckpt, f))
+  os.makedirs(ckpt, exist_ok=True)
+  timings: dict[str, float] = {}
+
+  data = input_pipeline.load(cfg, data_dir, seed)
+  train_batch, test_batch = data.train, data.test
+  params0, loss_fn, logits_fn = models.create(cfg, seed)
+  metrics, sharpness, norms, escape = make_measures(
+      loss_fn, logits_fn, cfg, data.corrupted, seed)
+  last_steps: set[int] = set()
+
+  def evaluate(params, t, *, sharp_every, with_norms=False,
+               diag_every=None):
+    row = {"step": t, **metrics(params, train_batch, test_batch)}
+    if t % sharp_every == 0 or t in last_steps:
+      row.update(_floats(sharpness(params, train_batch)))
+    if with_norms:
+      row.update(_floats(norms(params, train_batch)))
+    if diag_every and (t % diag_every == 0 or t in last_steps):
+      row.update(_floats(escape(params, train_batch,
+                                jax.random.fold_in(jax.random.key(seed), t))))
+    return row
+
+  # ---- GD to the sharp minimum -------------------------------------------
+  last_steps = {cfg.gd_steps}
+  gd_advance = _advance_fn(gd_step(loss_fn, cfg.gd_lr, cfg.chunk_size))
+  t0 = time.perf_counter()
+  with tqdm(total=cfg.gd_steps, desc="GD to theta_GD") as bar:
+    theta_gd, gd_history = _run_phase(
+        "GD to theta_GD", os.path.join(ckpt, "gd.msgpack"),
+        {"phase": "gd", **gd_config}, params0,
+        lambda p, t, length: gd_advance(p, t, train_batch, length=length),
+        cfg.gd_steps, schedule(cfg.gd_steps, cfg.gd_eval_every), lambda p, t:
+        evaluate(p, t, sharp_every=cfg.gd_sharpness_every), bar)
+  timings["gd"] = time.perf_counter() - t0
+  save_checkpoint(os.path.join(out, "theta_gd.msgpack"), theta_gd,
+                  {"config": config, "t": cfg.gd_steps})
+
+  # ---- Fig. 5 left: the Hessian spectrum at theta_GD ---------------------
+  t0 = time.perf_counter()
+  spectrum = _spectrum(cfg, seed, loss_fn, theta_gd, train_batch,
+                       os.path.join(ckpt, "spectrum.json"), gd_config)
+  timings["spectrum"] = time.perf_counter() - t0
+
+  # ---- the dynamics from theta_GD ------------------------------------------
+  points = schedule(cfg.steps, cfg.eval_every, cfg.early_steps,
+                    cfg.early_eval_every)
+  last_steps = {cfg.steps}
+  results = {}
+  n = train_batch["y"].shape[0]
+  with_diagnostics = cfg.diag_every > 0
+  for name in cfg.dynamics:
+    t0 = time.perf_counter()
+    tx = make_tx(name, cfg, seed)
+    is_sgd = name == "SGD"
+    advance = _advance_fn(
+        sgd_step(loss_fn, tx, cfg.batch_size, n, seed) if is_sgd else
+        noise_step(loss_fn, tx, cfg.chunk_size))
+    carry = (theta_gd, tx.init(theta_gd))
+    diag = is_sgd and with_diagnostics
+
+    def ev(c, t, diag=diag):
+      if t == 0:
+        row = dict(gd_history[-1], step=0)
+        if diag:
+          row.update(_floats(norms(c[0], train_batch)))
+          row.update(_floats(escape(c[0], train_batch,
+                                    jax.random.fold_in(jax.random.key(seed),
+                                                       0))))
+        return row
+      return evaluate(c[0], t, sharp_every=cfg.sharpness_every,
+                      with_norms=diag,
+                      diag_every=cfg.diag_every if diag else None)
+
+    with tqdm(total=cfg.steps, desc=name) as bar:
+      _, history = _run_phase(
+          name, os.path.join(ckpt, f"dyn_{slug(name)}.msgpack"),
+          {"phase": name, **dyn_config}, carry,
+          lambda c, t, length, advance=advance: advance(
+              c, t, train_batch, length=length),
+          cfg.steps, points, ev, bar)
+    results[name] = history
+    timings[name] = time.perf_counter() - t0
+
+  summary = {
+      "experiment": f"{cfg.dataset}_{cfg.model}",
+      "config": config,
+      "data": {"num_train": int(n),
+               "num_corrupted": int(data.corrupted.sum()),
+               "corrupted_indices": np.flatnonzero(data.corrupted).tolist(),
+               "corrupted_label_changed": int(
+                   (np.asarray(train_batch["y"]) != data.y_true)[
+                       data.corrupted].sum()),
+               "num_test": int(test_batch["y"].shape[0])},
+      "num_params": int(sum(x.size for x in jax.tree.leaves(params0))),
+      "gd": gd_history,
+      "spectrum": spectrum,
+      "dynamics": results,
+      "table": final_table(results),
+  }
+  with open(os.path.join(out, "results.json"), "w") as f:
+    json.dump(summary, f, indent=1)
+  with open(os.path.join(out, "table.md"), "w") as f:
+    f.write(markdown_table(summary) + "\n")
+  if plot:
+    plots.plot_study(summary, out)
+  summary["timings"] = timings  # not in results.json: differs on resume
+  with open(os.path.join(out, "timings.json"), "w") as f:
+    json.dump(timings, f, indent=1)
+  return summary
+
+
+def _spectrum(cfg, seed, loss_fn, theta_gd, train_batch, path, gd_config):
+  """The top ``spectrum_eigs`` Hessian eigenvalues at theta_GD (cached)."""
+  if not cfg.spectrum_eigs:
+    return None
+  spec_config = dict(gd_config, spectrum_eigs=cfg.spectrum_eigs,
+                     spectrum_iters=cfg.spectrum_iters)
+  if os.path.exists(path):
+    with open(path) as f:
+      spectrum = json.load(f)
+    if spectrum.pop("config") == spec_config:
+      return spectrum
+  print(f"top {cfg.spectrum_eigs} Hessian eigenvalues at theta_GD ...",
+        flush=True)
+  spec = jax.jit(lambda p, b: anisonoise.hessian_spectrum(
+      loss_fn, p, b, num_eigs=cfg.spectrum_eigs,
+      num_iters=cfg.spectrum_iters, chunk_size=cfg.chunk_size,
+      key=jax.random.key(seed + 5)))(theta_gd, train_batch)
+  spectrum = {"eigenvalues": np.asarray(spec.eigenvalues).tolist(),
+              "residual_norms": np.asarray(spec.residual_norms).tolist(),
+              "num_matvecs": int(spec.num_matvecs),
+              "converged": bool(spec.converged)}
+  with open(path, "w") as f:
+    json.dump(dict(spectrum, config=spec_config), f)
+  return spectrum
+
+
+# --------------------------------------------------------------------------
+# Tables
+# --------------------------------------------------------------------------
+
+
+def final_table(results: dict) -> dict:
+  """Final values per dynamics (the markdown table's rows)."""
+  table = {}
+  nan = float("nan")
+  for name, hist in results.items():
+    last = hist[-1]
+    sharp = [r for r in hist if "sharpness" in r]
+    table[name] = {
+        "test_acc": last["test_acc"],
+        "train_acc": last["train_acc"],
+        "train_acc_corrupted": last.get("train_acc_corrupted", nan),
+        "sharpness": sharp[-1]["sharpness"] if sharp else nan,
+        "sharpness_sem": sharp[-1]["sharpness_sem"] if sharp else nan,
+        "start_sharpness": sharp[0]["sharpness"] if sharp else nan,
+        "min_train_acc": min(r["train_acc"] for r in hist),
+    }
+  return table
+
+
+def markdown_table(summary: dict) -> str:
+  """The final table of a study, in markdown."""
+  cfg = summary["config"]
+  corrupted = summary["data"]["num_corrupted"] > 0
+  rows = [f"{cfg['dataset']}: after {cfg['steps']} steps from theta_GD (lr"
+          f" {cfg['lr']}, m = {cfg['batch_size']}, seed {cfg['seed']});"
+          f" theta_GD: test accuracy {summary['gd'][-1]['test_acc']:.4f},"
+          " sharpness"
+          f" {summary['gd'][-1].get('sharpness', float('nan')):.4g}.", ""]
+  head = ["dynamics", "test acc"]
+  if corrupted:
+    head.append("train acc (corrupted subset)")
+  head += ["train acc (all)", "lowest train acc", "expected sharpness"]
+  rows += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for name, r in summary["table"].items():
+    cells = [name, f"{r['test_acc']:.4f}"]
+    if corrupted:
+      cells.append(f"{r['train_acc_corrupted']:.3f}")
+    cells += [f"{r['train_acc']:.3f}", f"{r['min_train_acc']:.3f}",
+              f"{r['sharpness']:.4g} +- {r['sharpness_sem']:.2g}"]
+    rows.append("| " + " | ".join(cells) + " |")
+  return "\n".join(rows)
