@@ -368,6 +368,14 @@ def _load_tfds_colour(name: str, split: str) -> tuple[np.ndarray, np.ndarray]:
   return images, labels.astype(np.uint8)
 
 
+def _check_split_and_source(split: str, source: str) -> None:
+  if split not in ("train", "test"):
+    raise ValueError(f"split must be 'train' or 'test', got {split!r}.")
+  if source not in ("auto", "files", "tfds"):
+    raise ValueError(f"source must be 'auto', 'files' or 'tfds', got"
+                     f" {source!r}.")
+
+
 def _colour_dirs(data_dir: str | None, env: str) -> list[str]:
   return [d for d in (data_dir, os.environ.get(env)) if d]
 
@@ -401,11 +409,7 @@ def load_cifar10(
     >>> images.shape, labels.max()  # doctest: +SKIP
     ((10000, 32, 32, 3), 9)
   """
-  if split not in CIFAR10_FILES:
-    raise ValueError(f"split must be 'train' or 'test', got {split!r}.")
-  if source not in ("auto", "files", "tfds"):
-    raise ValueError(f"source must be 'auto', 'files' or 'tfds', got"
-                     f" {source!r}.")
+  _check_split_and_source(split, source)
   tried = []
   if source != "tfds":
     for d in _colour_dirs(data_dir, CIFAR10_ENV_VAR):
@@ -459,11 +463,7 @@ def load_svhn(
     source: ``"auto"`` (files if found, else TFDS), ``"files"`` or ``"tfds"``.
 
   Returns:
-    ``(images, labels)``.
-
-  Raises:
-    DataError: data missing (the message names every way to get it),
-      truncated or corrupt (the message names the file).
+    ``(images, labels)``; errors as :func:`load_cifar10`'s.
 
   Example:
     >>> from anisonoise import data
@@ -471,11 +471,7 @@ def load_svhn(
     >>> images.shape  # doctest: +SKIP
     (26032, 32, 32, 3)
   """
-  if split not in SVHN_FILES:
-    raise ValueError(f"split must be 'train' or 'test', got {split!r}.")
-  if source not in ("auto", "files", "tfds"):
-    raise ValueError(f"source must be 'auto', 'files' or 'tfds', got"
-                     f" {source!r}.")
+  _check_split_and_source(split, source)
   tried = []
   if source != "tfds":
     for d in _colour_dirs(data_dir, SVHN_ENV_VAR):

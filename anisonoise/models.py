@@ -1,7 +1,8 @@
 """Models of the paper's experiments, in Flax NNX.
 
 :class:`VGG11` is the network of the SVHN and CIFAR-10 studies (App. D.4,
-9,750,922 parameters). :class:`LeNet` is the network of Section 5.3 / App. D.3 (11,330 parameters):
+9,750,922 parameters). :class:`LeNet` is the network of Section 5.3 /
+App. D.3 (11,330 parameters):
 
   input => conv1 => max_pool => ReLU => conv2 => max_pool => ReLU => fc1
         => ReLU => fc2

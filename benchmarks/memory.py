@@ -111,7 +111,8 @@ def markdown(res) -> str:
            f" {env['device']}, {env['cpu_count']} cores, jax {env['jax']}."
            " Peak = resident memory of a fresh process (CPU) or the"
            " device's peak allocation (GPU); time includes compilation.", "",
-           "| function | chunk_size | D | peak GB | s |", "|---|---|---|---|---|"]
+           "| function | chunk_size | D | peak GB | s |",
+           "|---|---|---|---|---|"]
   for r in res["rows"]:
     if "failed" in r:
       lines.append(f"| {r['function']} | {r['chunk_size']} | - |"

@@ -1,8 +1,9 @@
 """Figs. 3, 5, 7 and 8 of Zhu et al. (ICML 2019): Fashion-MNIST with
 corrupted labels; the ``fashion_mnist`` study of ``examples/noisy_minima``.
 
-Usage: python examples/fashion_mnist.py --preset quick --out results/fmnist
-       python examples/fashion_mnist.py --preset paper --out results/fmnist-paper
+Usage:
+  python examples/fashion_mnist.py --preset quick --out results/fmnist
+  python examples/fashion_mnist.py --preset paper --out results/fmnist-paper
 
 Takes every option of ``examples/noisy_minima/main.py`` (``--preset``,
 ``--out``, ``--seed``, ``--data-dir``, ``--steps``, ``--dynamics``,

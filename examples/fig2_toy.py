@@ -196,7 +196,8 @@ def plot_figure(summary, trajectories, out, seed):
 
 
 def markdown_table(summary) -> str:
-  rows = ["| dynamics | success rate | 95% interval | mean Tr(H Sigma), first 50 steps |",
+  rows = ["| dynamics | success rate | 95% interval |"
+          " mean Tr(H Sigma), first 50 steps |",
           "|---|---|---|---|"]
   for name, r in summary["dynamics"].items():
     lo, hi = r["ci95"]

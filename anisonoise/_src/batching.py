@@ -91,7 +91,8 @@ def check_loss_and_batch(
   """
   if loss_fn is None or batch is None:
     missing = " and ".join(
-        name for name, v in (("loss_fn", loss_fn), ("batch", batch)) if v is None
+        name for name, v in (("loss_fn", loss_fn), ("batch", batch))
+        if v is None
     )
     raise ValueError(
         f"{who} needs the per-example loss to estimate its noise, but {missing}"
@@ -116,7 +117,8 @@ def check_loss_and_batch(
   return n
 
 
-def single_example_loss(loss_fn: LossFn) -> Callable[[Params, Batch], jax.Array]:
+def single_example_loss(
+    loss_fn: LossFn) -> Callable[[Params, Batch], jax.Array]:
   """Turns a batched per-example loss into a loss of one example (no axis)."""
 
   def loss_one(params, example):

@@ -5,7 +5,8 @@ All model-based diagnostics take the library's ``loss_fn(params, batch) ->
 gradients, ``C v``, ``H v``, Lanczos); none forms ``H`` or ``C``. Each takes
 ``chunk_size`` (examples per vectorised chunk, for every pass over the
 data) and accepts an :class:`anisonoise.Batches` stream in place of
-``batch`` (then it runs eagerly, one compiled program per batch shape). Monte Carlo
+``batch`` (then it runs eagerly, one compiled program per batch shape).
+Monte Carlo
 estimators return a :class:`MonteCarloEstimate` (mean and standard error).
 Dense-matrix helpers (:func:`ou_escape_efficiency`, :func:`escape_ratio`)
 serve the theory of Sections 3.1-3.2.
@@ -385,7 +386,8 @@ def projection_coefficient(
     >>> loss_fn = lambda w, b: 0.5 * (b['x'] @ w) ** 2
     >>> batch = {'x': jnp.array([[1., 0.], [2., 0.]])}
     >>> round(float(anisonoise.projection_coefficient(
-    ...     loss_fn, jnp.ones(2), batch, key=jax.random.key(0), num_iters=2)), 4)
+    ...     loss_fn, jnp.ones(2), batch, key=jax.random.key(0),
+    ...     num_iters=2)), 4)
     1.0
 
   References:
