@@ -21,7 +21,6 @@ from anisonoise._src.dynamics import DYNAMICS
 from anisonoise._src.dynamics import dynamics_noise
 from anisonoise._src.diagnostics import GradientNoiseNorms
 from anisonoise._src.diagnostics import HessianSpectrum
-from anisonoise._src.diagnostics import MonteCarloEstimate
 from anisonoise._src.diagnostics import OUEscapeEfficiency
 from anisonoise._src.diagnostics import SpectralDensity
 from anisonoise._src.diagnostics import escape_indicator
@@ -34,6 +33,7 @@ from anisonoise._src.diagnostics import isotropic_escape_indicator
 from anisonoise._src.diagnostics import ou_escape_efficiency
 from anisonoise._src.diagnostics import projection_coefficient
 from anisonoise._src.diagnostics import spectral_density
+from anisonoise._src.estimators import MonteCarloEstimate
 from anisonoise._src.sums import Batches
 from anisonoise._src.sums import mean_gradient
 from anisonoise._src.transforms import DiagonalNoiseState

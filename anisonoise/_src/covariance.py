@@ -29,45 +29,18 @@ of ``batch``.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import optax
-from jax.flatten_util import ravel_pytree
 
 from anisonoise._src import batching
+from anisonoise._src import estimators
 from anisonoise._src import sums
 from anisonoise._src.batching import Batch, LossFn, Params
 
 Matvec = Callable[[Params], Params]
-
-# Random probes or samples vectorised at once by the stochastic estimators
-# on a CPU. 1: on the conv-free LeNet (1,200 images) vectorising HVPs costs
-# more than it saves: stochastic Tr(H Sigma) with 64 samples took 34.7 s in
-# chunks of 8 and 14.5 s one at a time (16 samples: 8.0 s against 3.6 s).
-PROBE_CHUNK = 1
-# Elsewhere (GPU, TPU) sequential products are launch-bound and vectorised
-# ones cheap; 8 probes at once hold 8 copies of the activations.
-ACCELERATOR_PROBE_CHUNK = 8
-
-
-def probe_chunk() -> int:
-  """Probes vectorised at once on this backend (see :data:`PROBE_CHUNK`)."""
-  return PROBE_CHUNK if jax.default_backend() == "cpu" else (
-      ACCELERATOR_PROBE_CHUNK)
-
-
-def map_probes(fn: Callable[[jax.Array], jax.Array], keys: jax.Array,
-               data: Any) -> jax.Array:
-  """``fn`` on every key: vectorised in :func:`probe_chunk` chunks for a
-  batch in memory, a Python loop for a stream (whose products run eagerly).
-  """
-  if isinstance(data, sums.Batches):
-    outs = [fn(k) for k in keys]
-    return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
-  return batching.map_chunks(fn, keys, probe_chunk())
-
 
 
 
@@ -169,10 +142,6 @@ def covariance_diagonal(
   return sums.scale(total, 1.0 / n)
 
 
-def _rademacher_like(key: jax.Array, flat: jax.Array) -> jax.Array:
-  return jax.random.rademacher(key, flat.shape, dtype=flat.dtype)
-
-
 def covariance_trace(
     loss_fn: LossFn,
     params: Params,
@@ -225,14 +194,8 @@ def covariance_trace(
   batching.check_positive_int("num_probes", num_probes)
   batching.check_chunk_size(chunk_size)
   sums.check_data(loss_fn, params, batch, "covariance_trace")
-  flat, unravel = ravel_pytree(params)
   form = quadratic_form(loss_fn, params, batch, chunk_size=chunk_size)
-
-  def quad(k):
-    return form(unravel(_rademacher_like(k, flat)))
-
-  keys = jax.random.split(key, num_probes)
-  return jnp.mean(map_probes(quad, keys, batch))
+  return estimators.hutchinson(form, params, key, num_probes, batch).mean
 
 
 def quadratic_form(

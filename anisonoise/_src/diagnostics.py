@@ -26,24 +26,11 @@ from jax.flatten_util import ravel_pytree
 from anisonoise._src import batching
 from anisonoise._src import covariance
 from anisonoise._src import curvature
+from anisonoise._src import estimators
+from anisonoise._src.estimators import MonteCarloEstimate
 from anisonoise._src import sums
 from anisonoise._src.batching import Batch, LossFn, Params
 
-
-
-class MonteCarloEstimate(NamedTuple):
-  """A Monte Carlo mean and its standard error (sample sd / sqrt(N))."""
-
-  mean: jax.Array
-  stderr: jax.Array
-
-
-def _mean_and_sem(samples: jax.Array) -> MonteCarloEstimate:
-  num = samples.shape[0]
-  # One sample has no spread to estimate: NaN, not a misleading 0.
-  sd = jnp.std(samples, ddof=1) if num > 1 else jnp.full_like(samples[0],
-                                                               jnp.nan)
-  return MonteCarloEstimate(jnp.mean(samples), sd / math.sqrt(num))
 
 
 def _check_num_samples(num_samples) -> None:
@@ -158,9 +145,9 @@ def escape_indicator(
     eps = draw(k)
     return optax.tree_utils.tree_vdot(eps, h_op(eps))
 
-  samples = covariance.map_probes(one, jax.random.split(key, num_samples),
+  samples = estimators.map_probes(one, jax.random.split(key, num_samples),
                                   batch)
-  return _mean_and_sem(samples)
+  return estimators.mean_and_sem(samples)
 
 
 def hessian_trace(
@@ -204,23 +191,18 @@ def hessian_trace(
         f"method must be 'exact' or 'hutchinson', got {method!r}.")
   batching.check_chunk_size(chunk_size)
   sums.check_data(loss_fn, params, batch, "hessian_trace")
-  flat, unravel = ravel_pytree(params)
   h_op = curvature.hessian_operator(loss_fn, params, batch,
                                     chunk_size=chunk_size)
-
-  def quad(v):
-    return jnp.vdot(v, ravel_pytree(h_op(unravel(v)))[0])
 
   if method == "exact":
     return _exact_hessian_trace(loss_fn, params, batch, chunk_size, h_op)
   _require_key(key, "hessian_trace(method='hutchinson')")
   _check_num_samples(num_probes)
 
-  def probe(k):
-    return quad(jax.random.rademacher(k, flat.shape, flat.dtype))
+  def quad(v):
+    return jnp.vdot(ravel_pytree(v)[0], ravel_pytree(h_op(v))[0])
 
-  return _mean_and_sem(covariance.map_probes(
-      probe, jax.random.split(key, num_probes), batch))
+  return estimators.hutchinson(quad, params, key, num_probes, batch)
 
 
 _BASIS_CHUNK = 64
@@ -539,7 +521,7 @@ def expected_sharpness(
       noise = jax.vmap(perturbation)(keys[start:start + samples_per_chunk])
       parts.append(sums.total(sums.perturbed_loss_sums, loss_fn, chunk_size,
                               params, batch, noise) / n - base)
-    return _mean_and_sem(jnp.concatenate(parts))
+    return estimators.mean_and_sem(jnp.concatenate(parts))
 
   def perturbed(k):
     shifted = jax.tree.map(jnp.add, params, perturbation(k))
@@ -547,8 +529,8 @@ def expected_sharpness(
                                 chunk_size=chunk_size, n=n) - base
 
   # Forward passes only: a loop costs no time here and bounds the memory.
-  return _mean_and_sem(batching.map_chunks(perturbed, keys, samples_per_chunk,
-                                           unroll=False))
+  return estimators.mean_and_sem(batching.map_chunks(
+      perturbed, keys, samples_per_chunk, unroll=False))
 
 
 # --------------------------------------------------------------------------
@@ -719,7 +701,7 @@ def spectral_density(
     theta, y = jnp.linalg.eigh(krylov.matrix())
     return theta, jnp.square(y[0])
 
-  nodes, weights = covariance.map_probes(
+  nodes, weights = estimators.map_probes(
       probe, jax.random.split(key, num_probes), batch)
   lo, hi = jnp.min(nodes), jnp.max(nodes)
   span = jnp.maximum(hi - lo, 1e-12 * jnp.maximum(1.0, jnp.abs(hi)))
