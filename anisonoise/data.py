@@ -115,14 +115,24 @@ def _load_idx(split: str, data_dir: str) -> tuple[np.ndarray, np.ndarray]:
   return images, labels
 
 
-def _load_tfds(split: str) -> tuple[np.ndarray, np.ndarray]:
+def _tfds_arrays(name: str, split: str, shape: tuple[int, ...]
+                 ) -> tuple[np.ndarray, np.ndarray]:
+  """Every ``(image, label)`` of ``tfds.data_source(name, split)`` as
+  ``uint8`` images of ``shape`` and ``int64`` labels."""
   import tensorflow_datasets as tfds
 
-  source = tfds.data_source("fashion_mnist", split=split)
+  source = tfds.data_source(name, split=split)
   items = [source[i] for i in range(len(source))]
-  images = np.stack([np.asarray(it["image"]).reshape(28, 28) for it in items])
-  labels = np.asarray([it["label"] for it in items], np.uint8)
-  return images.astype(np.uint8), labels
+  images = np.zeros((len(items), *shape), np.uint8)
+  for i, it in enumerate(items):
+    images[i] = np.asarray(it["image"]).reshape(shape)
+  labels = np.asarray([it["label"] for it in items], np.int64)
+  return images, labels
+
+
+def _load_tfds(split: str) -> tuple[np.ndarray, np.ndarray]:
+  images, labels = _tfds_arrays("fashion_mnist", split, (28, 28))
+  return images, labels.astype(np.uint8)
 
 
 def load_fashion_mnist(
@@ -357,13 +367,7 @@ def read_svhn_mat(path: str, count: int | None = None
 
 
 def _load_tfds_colour(name: str, split: str) -> tuple[np.ndarray, np.ndarray]:
-  import tensorflow_datasets as tfds
-
-  source = tfds.data_source(_TFDS_NAMES[name], split=split)
-  items = [source[i] for i in range(len(source))]
-  images = np.stack([np.asarray(it["image"], np.uint8) for it in items]
-                    ) if items else np.zeros((0, 32, 32, 3), np.uint8)
-  labels = np.asarray([it["label"] for it in items], np.int64)
+  images, labels = _tfds_arrays(_TFDS_NAMES[name], split, (32, 32, 3))
   _check_images(f"tfds {_TFDS_NAMES[name]}[{split}]", images, labels, None)
   return images, labels.astype(np.uint8)
 

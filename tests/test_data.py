@@ -99,3 +99,12 @@ def test_real_files():
   x, y = data.load_fashion_mnist("test", data_dir=data.DEFAULT_DIR)
   assert x.shape == (10_000, 28, 28) and y.shape == (10_000,)
   assert np.bincount(y).tolist() == [1000] * 10
+
+
+def test_tfds_source_under_mock_data():
+  tfds = pytest.importorskip("tensorflow_datasets")
+  with tfds.testing.mock_data(num_examples=5,
+                              policy=tfds.testing.MockPolicy.USE_CODE):
+    x, y = data.load_fashion_mnist("test", source="tfds")
+  assert x.shape == (5, 28, 28) and x.dtype == np.uint8
+  assert y.shape == (5,) and y.dtype == np.uint8 and y.max() <= 9

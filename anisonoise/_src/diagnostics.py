@@ -6,8 +6,8 @@ gradients, ``C v``, ``H v``, Lanczos); none forms ``H`` or ``C``. Each takes
 ``chunk_size`` (examples per vectorised chunk, for every pass over the
 data) and accepts an :class:`anisonoise.Batches` stream in place of
 ``batch`` (then it runs eagerly, one compiled program per batch shape).
-Monte Carlo
-estimators return a :class:`MonteCarloEstimate` (mean and standard error).
+Monte Carlo estimators return a :class:`MonteCarloEstimate` (mean and
+standard error).
 Dense-matrix helpers (:func:`ou_escape_efficiency`, :func:`escape_ratio`)
 serve the theory of Sections 3.1-3.2.
 """
