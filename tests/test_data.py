@@ -93,6 +93,27 @@ def test_corruption_recipe():
   assert len(np.unique(a.y[1000:])) == 10
 
 
+def test_corruption_recipe_of_the_authors_script():
+  """The published script's variant: the first 1,500 here (6,000 there)
+  images, positions 1000-1199 relabelled with the same draws as the 1,200
+  variant, the rest clean."""
+  rng = np.random.default_rng(1)
+  images = rng.integers(0, 256, size=(1500, 28, 28)).astype(np.uint8)
+  labels = rng.integers(0, 10, size=1500).astype(np.uint8)
+  text = data.corrupted_training_set(images, labels, seed=3)
+  script = data.corrupted_training_set(images, labels, num_clean_after=300,
+                                       seed=3)
+  assert script.x.shape == (1500, 28, 28, 1)
+  np.testing.assert_array_equal(np.flatnonzero(script.corrupted),
+                                np.arange(1000, 1200))
+  np.testing.assert_array_equal(script.y[:1200], text.y)
+  np.testing.assert_array_equal(script.y[1200:], labels[1200:])
+  with pytest.raises(ValueError, match="num_clean_after=-1"):
+    data.corrupted_training_set(images, labels, num_clean_after=-1)
+  with pytest.raises(ValueError, match="asked for 1600"):
+    data.corrupted_training_set(images, labels, num_clean_after=400)
+
+
 @pytest.mark.skipif(not os.path.isdir(data.DEFAULT_DIR),
                     reason="Debian's dataset-fashion-mnist not installed")
 def test_real_files():

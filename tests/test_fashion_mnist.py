@@ -87,7 +87,11 @@ def test_tiny_run_writes_every_artefact(tiny_run):
   assert [r["step"] for r in on_disk["gd"]] == [0, 3, 6]
   assert set(on_disk["dynamics"]) == set(anisonoise.DYNAMICS)
   for name, hist in on_disk["dynamics"].items():
-    assert [r["step"] for r in hist] == [0, 2, 4], name
+    # The preset runs GD for 2 steps (dynamics_steps), the rest for 4.
+    assert [r["step"] for r in hist] == ([0, 2] if name == "GD" else
+                                         [0, 2, 4]), name
+    assert on_disk["table"][name]["steps"] == hist[-1]["step"]
+    assert all(r["distance"] > 0 for r in hist[1:])
     for r in hist:
       for key in ("train_acc", "train_acc_clean", "train_acc_corrupted",
                   "test_acc"):
@@ -117,11 +121,25 @@ def test_tiny_run_writes_every_artefact(tiny_run):
     for key in ("tr_h_sigma", "tr_h_sigma_bar", "projection_coefficient"):
       assert np.isfinite(r[key]), key
 
+  # SGD's stability at theta_GD: one top eigenvalue per random minibatch,
+  # with the corrupted examples it holds (recounted from the same draws).
+  st = on_disk["stability"]
+  assert len(st["lambda_1"]) == TINY.stability_batches
+  assert st["limit"] == pytest.approx(2 / TINY.lr)
+  assert st["fraction_unstable"] == np.mean(np.array(st["lambda_1"])
+                                            > st["limit"])
+  corrupted = np.zeros(50, bool)
+  corrupted[40:] = True
+  for i, c in enumerate(st["num_corrupted"]):
+    key = jax.random.fold_in(jax.random.key(0 + 29), i)
+    idx = jax.random.choice(key, 50, (TINY.batch_size,), replace=False)
+    assert c == corrupted[np.asarray(idx)].sum()
+
   table = open(os.path.join(out, "table.md")).read()
   for name in anisonoise.DYNAMICS:
     assert f"| {name} |" in table
   import matplotlib.image
-  for fig in ("fig3", "fig5", "fig7", "fig8"):
+  for fig in ("fig3", "fig5", "fig7", "fig8", "stability"):
     img = matplotlib.image.imread(os.path.join(out, f"{fig}.png"))
     assert img.shape[0] > 300 and img.std() > 0.01, fig
 
@@ -172,6 +190,58 @@ def test_killed_run_resumes_to_the_same_numbers(tmp_path, data_dir,
     fm.run(out, other, data_dir=data_dir, plot=False)
 
 
+def test_finished_dynamics_extends_from_its_checkpoint(tmp_path, data_dir,
+                                                      tiny_run):
+  """A dynamics asked for more steps than it ran goes on from its last
+  checkpoint and ends where a run straight to that step ends; asked for
+  fewer, it reports up to that step."""
+  _, reference = tiny_run
+  out = str(tmp_path / "extended")
+  short = dataclasses.replace(TINY, dynamics=("GD",))
+  longer = dataclasses.replace(short, dynamics_steps=(("GD", 4),))
+  first = fm.run(out, short, data_dir=data_dir, plot=False)
+  assert first["dynamics"]["GD"] == reference["dynamics"]["GD"]
+  extended = fm.run(out, longer, data_dir=data_dir, plot=False)
+  assert extended["timings"]["gd"] < first["timings"]["gd"]  # reused
+  hist = extended["dynamics"]["GD"]
+  assert [r["step"] for r in hist] == [0, 2, 4]
+  assert hist[:2] == first["dynamics"]["GD"]
+  straight = fm.run(str(tmp_path / "straight"), longer, data_dir=data_dir,
+                    plot=False)
+  assert straight["dynamics"]["GD"][-1] == hist[-1]
+  again = fm.run(out, short, data_dir=data_dir, plot=False)
+  assert again["dynamics"]["GD"] == first["dynamics"]["GD"]
+
+
+def test_seeds_combine_into_mean_and_standard_error(tmp_path, tiny_run,
+                                                    capsys):
+  out, summary = tiny_run
+  other = json.loads(json.dumps({k: v for k, v in summary.items()
+                                 if k != "timings"}))
+  other["config"]["seed"] = 1
+  for name, row in other["table"].items():
+    row["test_acc"] = summary["table"][name]["test_acc"] + 0.1
+  d1 = tmp_path / "seed1"
+  d1.mkdir()
+  (d1 / "results.json").write_text(json.dumps(other))
+  combined = str(tmp_path / "combined")
+  study.main(["--combine", out, str(d1), "--out", combined])
+  table = open(os.path.join(combined, "seeds.md")).read()
+  assert "seeds [0, 1]" in table
+  acc = summary["table"]["SGD"]["test_acc"]
+  # Two seeds a and a + 0.1: mean a + 0.05, standard error 0.05.
+  assert f"| SGD | 4 | {acc + 0.05:.4f} +- 0.0500 |" in table
+  import matplotlib.image
+  img = matplotlib.image.imread(os.path.join(combined, "fig3_seeds.png"))
+  assert img.shape[1] > 2 * img.shape[0] and img.std() > 0.01
+  # Runs of different settings are refused.
+  other["config"]["lr"] = 0.5
+  (d1 / "results.json").write_text(json.dumps(other))
+  with pytest.raises(SystemExit):
+    study.main(["--combine", out, str(d1), "--out", combined])
+  assert "runs differ in ['lr']" in capsys.readouterr().err
+
+
 def test_cli_missing_data_is_a_clear_error(tmp_path, capsys):
   empty = tmp_path / "nothing-here"
   empty.mkdir()
@@ -193,4 +263,4 @@ def test_fashion_mnist_command_keeps_its_options(tmp_path):
       capture_output=True, text=True, timeout=120)
   assert r.returncode == 2
   assert "unknown preset 'cpu' for fashion_mnist" in r.stderr
-  assert "['paper', 'quick', 'tiny']" in r.stderr
+  assert "['paper', 'quick', 'long', 'long_authors', 'tiny']" in r.stderr

@@ -27,6 +27,7 @@ class Config:
   synthetic: bool = False      # random class-coloured images (tests only)
   num_clean: int = 1000        # Fashion-MNIST: correctly labelled examples
   num_corrupt: int = 200       # Fashion-MNIST: examples with random labels
+  num_clean_after: int = 0     # Fashion-MNIST: clean examples after them
   num_train: int = 0           # SVHN / CIFAR-10 training images (0: all)
   num_test: int = 10_000
   svhn_split: str = "paper"    # "paper": train on test_32x32.mat[:25,000]
@@ -37,6 +38,8 @@ class Config:
   gd_sharpness_every: int = 500
   lr: float = 0.07
   steps: int = 20_000          # the authors' scripts' default ``maxiter``
+  # Per-dynamics step counts overriding ``steps``: ((name, steps), ...).
+  dynamics_steps: tuple[tuple[str, int], ...] = ()
   batch_size: int = 20
   k: int = 20
   const_std: float = 1e-3
@@ -55,6 +58,7 @@ class Config:
   diag_samples: int = 100
   lanczos_iters: int | None = None  # None: the transforms' default
   diag_lanczos_iters: int = 30      # (lambda_1, u_1) of the projection coef.
+  stability_batches: int = 0   # minibatch Hessians' lambda_1 at theta_GD
   dynamics: tuple[str, ...] = anisonoise.DYNAMICS
 
   def refresh_every(self, name: str) -> int:
@@ -64,6 +68,10 @@ class Config:
     if name == "GLD 1st eigvec(H)":
       return self.refresh_eigvec
     return self.refresh_diagonal
+
+  def steps_of(self, name: str) -> int:
+    """How many steps dynamics ``name`` runs from theta_GD."""
+    return dict(self.dynamics_steps).get(name, self.steps)
 
 
 # App. D.4: VGG11, lr 0.05 for every dynamics, m = 100, GLD const 1e-3,
@@ -102,6 +110,25 @@ _VGG_TINY = dict(
     dynamics=("GD", "GLD diag", "GLD Hessian", "SGD"),
 )
 
+# Fig. 3's generalisation question on a 2-core CPU: SGD for the authors'
+# 20,000 steps, the full-batch dynamics for 3,000 (a full-batch step costs
+# about 100 SGD steps), the low-rank ones for 1,000; evaluations thinned to
+# every 200 steps after the first 50 (each one every step: the collapse
+# right after theta_GD), the expected sharpness every 2,000; the lambda_1 of
+# 200 minibatch Hessians at theta_GD against SGD's stability limit 2 / lr.
+# Extend any dynamics with ``--steps`` (a finished run resumes from its
+# checkpoint); on a GPU, ``--steps 20000`` runs every dynamics in full.
+_FM_LONG = dict(
+    gd_eval_every=250, gd_sharpness_every=1000, sharpness_samples=100,
+    steps=20_000, dynamics_steps=(
+        ("GD", 3000), ("GLD const", 3000), ("GLD dynamic", 3000),
+        ("GLD diag", 3000), ("GD + SGD noise", 3000), ("GLD leading", 1000),
+        ("GLD Hessian", 1000), ("GLD 1st eigvec(H)", 1000)),
+    early_steps=50, early_eval_every=1, eval_every=200, sharpness_every=2000,
+    spectrum_eigs=20, diag_every=2000, diag_samples=20, refresh_eigvec=10,
+    refresh_diagonal=10, stability_batches=200,
+)
+
 PRESETS: dict[str, dict[str, Config]] = {
     "fashion_mnist": {
         # The full protocol; meant for a GPU, runnable anywhere (it resumes).
@@ -116,6 +143,10 @@ PRESETS: dict[str, dict[str, Config]] = {
             sharpness_samples=100, spectrum_eigs=150, diag_every=50,
             diag_samples=20, refresh_eigvec=10, refresh_diagonal=10,
         ),
+        # The generalisation runs, on the paper's text's 1,000 + 200 images
+        # and on the authors' script's 6,000 (positions 1000-1199 relabelled).
+        "long": Config(**_FM_LONG),
+        "long_authors": Config(num_clean_after=4800, **_FM_LONG),
         # Seconds: a smoke test of every code path (not a reproduction).
         "tiny": Config(
             num_clean=40, num_corrupt=10, num_test=100, gd_steps=6,
@@ -124,7 +155,8 @@ PRESETS: dict[str, dict[str, Config]] = {
             early_steps=2, early_eval_every=2, eval_every=2,
             sharpness_every=2, sharpness_samples=4, spectrum_eigs=4,
             spectrum_iters=8, diag_every=2, diag_samples=2, lanczos_iters=4,
-            diag_lanczos_iters=4,
+            diag_lanczos_iters=4, stability_batches=3,
+            dynamics_steps=(("GD", 2),),
         ),
     },
     "svhn": {
@@ -167,6 +199,14 @@ def check(cfg: Config) -> None:
                      f" {list(anisonoise.DYNAMICS)}.")
   if cfg.model not in ("lenet", "vgg11"):
     raise ValueError(f"model must be 'lenet' or 'vgg11', got {cfg.model!r}.")
+  unknown = set(dict(cfg.dynamics_steps)) - set(anisonoise.DYNAMICS)
+  if unknown:
+    raise ValueError(f"dynamics_steps names unknown dynamics"
+                     f" {sorted(unknown)}; choose from"
+                     f" {list(anisonoise.DYNAMICS)}.")
+  if any(s < 1 for _, s in cfg.dynamics_steps) or cfg.steps < 1:
+    raise ValueError("every dynamics must run at least one step; got steps"
+                     f"={cfg.steps}, dynamics_steps={cfg.dynamics_steps}.")
   if cfg.svhn_split not in ("paper", "standard"):
     raise ValueError("svhn_split must be 'paper' or 'standard', got"
                      f" {cfg.svhn_split!r}.")

@@ -54,7 +54,8 @@ def load(cfg: Config, data_dir: str | None, seed: int) -> Data:
     images, labels = data.load_fashion_mnist("train", data_dir=data_dir)
     train = data.corrupted_training_set(
         images, labels, num_clean=cfg.num_clean,
-        num_corrupt=cfg.num_corrupt, seed=seed)
+        num_corrupt=cfg.num_corrupt, num_clean_after=cfg.num_clean_after,
+        seed=seed)
     test_images, test_labels = data.load_fashion_mnist("test",
                                                        data_dir=data_dir)
     test_x = data.scale_images(test_images[:cfg.num_test])

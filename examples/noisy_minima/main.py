@@ -50,7 +50,8 @@ def parse_args(argv=None, dataset_default: str | None = None):
   parser.add_argument("--dataset", default=dataset_default,
                       help=f"one of {list(configs.DATASETS)}")
   parser.add_argument("--preset", default=None,
-                      help="fashion_mnist: paper, quick (default), tiny;"
+                      help="fashion_mnist: paper, quick (default), long,"
+                      " long_authors, tiny;"
                       " svhn / cifar10: paper, cpu (default), tiny")
   parser.add_argument("--out", default=None,
                       help="output directory (default results/<dataset>)")
@@ -68,6 +69,10 @@ def parse_args(argv=None, dataset_default: str | None = None):
                       " test_32x32.mat[:25000]; default) or the standard one")
   parser.add_argument("--restart", action="store_true",
                       help="discard checkpoints in --out")
+  parser.add_argument("--combine", nargs="+", metavar="RUN_DIR",
+                      help="join finished runs of one study with different"
+                      " seeds: seeds.md (mean +- standard error) and"
+                      " fig3_seeds.png into --out (a directory)")
   parser.add_argument("--figure1", nargs="+", metavar="RUN_DIR",
                       help="draw Fig. 1 from finished runs' results.json"
                       " (one panel each) into --out (a .png path)")
@@ -78,6 +83,8 @@ def config_from_args(args) -> configs.Config:
   preset = args.preset or ("quick" if args.dataset == "fashion_mnist"
                            else "cpu")
   cfg = configs.get_config(args.dataset, preset)
+  if args.steps is not None:  # every dynamics, the preset's own included
+    cfg = dataclasses.replace(cfg, dynamics_steps=())
   overrides = {"steps": args.steps, "chunk_size": args.chunk_size,
                "svhn_split": args.svhn_split,
                "dynamics": tuple(args.dynamics) if args.dynamics else None}
@@ -85,17 +92,35 @@ def config_from_args(args) -> configs.Config:
       cfg, **{k: v for k, v in overrides.items() if v is not None})
 
 
+def _summaries(parser, run_dirs: list[str]) -> list[dict]:
+  summaries = []
+  for d in run_dirs:
+    path = os.path.join(d, "results.json")
+    if not os.path.exists(path):
+      parser.exit(2, f"error: {path} does not exist; run the study first.\n")
+    with open(path) as f:
+      summaries.append(json.load(f))
+  return summaries
+
+
 def main(argv=None, dataset_default: str | None = None) -> None:
   parser, args = parse_args(argv, dataset_default)
+  if args.combine:
+    summaries = _summaries(parser, args.combine)
+    out = args.out or "seeds"
+    try:
+      table = train.seeds_table(summaries)
+    except ValueError as e:
+      parser.exit(2, f"error: {e}\n")
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "seeds.md"), "w") as f:
+      f.write(table + "\n")
+    plots.plot_seeds(summaries, os.path.join(out, "fig3_seeds.png"))
+    print(table)
+    print(f"wrote {out}/seeds.md and fig3_seeds.png")
+    return
   if args.figure1:
-    summaries = []
-    for d in args.figure1:
-      path = os.path.join(d, "results.json")
-      if not os.path.exists(path):
-        parser.exit(2, f"error: {path} does not exist; run the study"
-                    " first.\n")
-      with open(path) as f:
-        summaries.append(json.load(f))
+    summaries = _summaries(parser, args.figure1)
     out = args.out or "fig1.png"
     plots.figure1(summaries, out)
     print(f"wrote {out}")

@@ -18,8 +18,8 @@ import numpy as np
 import anisonoise.plotting
 
 TITLES = {
-    "fashion_mnist": "FashionMNIST, {num_clean} + {num_corrupt} corrupted"
-                     " labels",
+    "fashion_mnist": "FashionMNIST, {num_train} images, {num_corrupt} with"
+                     " random labels",
     "svhn": "SVHN, VGG11 (width {vgg_width}), {num_train} training images",
     "cifar10": "CIFAR-10, VGG11 (width {vgg_width}), {num_train} training"
                " images",
@@ -53,8 +53,8 @@ def plot_curves(summary: dict, path: str) -> None:
   plt = _plt()
   gd = summary["gd"]
   t_gd = summary["config"]["gd_steps"]
-  steps = summary["config"]["steps"]
   dyn = summary["dynamics"]
+  steps = max(h[-1]["step"] for h in dyn.values())
   fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
   for ax, key, label in zip(axes, ("train_acc", "test_acc", "sharpness"),
                             ("training accuracy", "test accuracy",
@@ -83,16 +83,23 @@ def plot_curves(summary: dict, path: str) -> None:
 
 
 def plot_early(summary: dict, path: str) -> None:
-  """Fig. 8: accuracies over the first iterations after theta_GD."""
+  """Fig. 8: accuracies over the first iterations after theta_GD, with the
+  training loss and the distance from theta_GD (where recorded)."""
   plt = _plt()
   early = summary["config"]["early_steps"]
-  fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-  for ax, key, label in zip(axes, ("train_acc", "test_acc"),
-                            ("training accuracy", "test accuracy")):
+  panels = [("train_acc", "training accuracy"), ("test_acc", "test accuracy"),
+            ("train_loss", "training loss"),
+            ("distance", "||theta - theta_GD||")]
+  panels = [(k, lab) for k, lab in panels if any(
+      k in r for h in summary["dynamics"].values() for r in h[1:])]
+  fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2))
+  for ax, (key, label) in zip(axes, panels):
     for i, (name, hist) in enumerate(summary["dynamics"].items()):
       x, y = _series([r for r in hist if r["step"] <= early], key)
       ax.plot(x, y, ".-", color=f"C{i}", ms=3, lw=1.2, label=name)
     ax.set(xlabel="iteration after theta_GD", ylabel=label)
+    if key in ("train_loss", "distance"):
+      ax.set_yscale("log")
   axes[0].legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
@@ -167,11 +174,84 @@ def figure1(summaries: list[dict], path: str) -> None:
   plt.close(fig)
 
 
+def plot_stability(summary: dict, path: str) -> None:
+  """The top eigenvalue of random minibatch Hessians at theta_GD against the
+  number of corrupted examples in the minibatch, with SGD's stability limit
+  ``2 / lr`` and the full-batch ``lambda_1``."""
+  plt = _plt()
+  st = summary["stability"]
+  lam = np.asarray(st["lambda_1"])
+  cnt = np.asarray(st["num_corrupted"])
+  rng = np.random.default_rng(0)  # horizontal jitter only
+  fig, ax = plt.subplots(figsize=(6.5, 4.5))
+  ax.scatter(cnt + rng.uniform(-0.2, 0.2, cnt.shape), lam, s=10, alpha=0.6)
+  ax.axhline(st["limit"], color="r", ls="--", lw=1,
+             label=f"2 / lr = {st['limit']:.3g}"
+             f" ({100 * st['fraction_unstable']:.0f}% of minibatches above)")
+  if summary.get("spectrum"):
+    lam_full = summary["spectrum"]["eigenvalues"][0]
+    ax.axhline(lam_full, color="k", ls=":", lw=1,
+               label=f"full batch: {lam_full:.3g}")
+  ax.set(xlabel="corrupted examples in the minibatch",
+         ylabel="lambda_1 of the minibatch Hessian", yscale="log",
+         title="SGD's linear stability at theta_GD")
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def plot_seeds(summaries: list[dict], path: str) -> None:
+  """Fig. 3 over seeds: the mean test accuracy of each dynamics against the
+  iteration after theta_GD, shaded one standard error, and the final test
+  accuracies as bars with their standard errors."""
+  plt = _plt()
+  names = list(summaries[0]["dynamics"])
+  fig, axes = plt.subplots(1, 2, figsize=(14, 4.5))
+  finals = []
+  for i, name in enumerate(names):
+    hists = [s["dynamics"][name] for s in summaries]
+    steps = sorted(set.intersection(*(
+        {r["step"] for r in h if "test_acc" in r} for h in hists)))
+    acc = np.array([[{r["step"]: r["test_acc"] for r in h}[t]
+                     for t in steps] for h in hists])
+    mean = acc.mean(0)
+    sem = acc.std(0, ddof=1) / np.sqrt(len(hists)) if len(hists) > 1 else 0
+    x = np.maximum(np.asarray(steps), 0.5)
+    axes[0].plot(x, mean, color=f"C{i}", lw=1.2, label=name)
+    axes[0].fill_between(x, mean - sem, mean + sem, color=f"C{i}", alpha=0.2)
+    finals.append((mean[-1], sem if np.isscalar(sem) else sem[-1], steps[-1]))
+  gd = np.array([s["gd"][-1]["test_acc"] for s in summaries])
+  for ax in axes:
+    ax.axhline(gd.mean(), color="k", ls="--", lw=0.8, label="theta_GD")
+  axes[0].set(xscale="log", xlabel="iteration after theta_GD",
+              ylabel="test accuracy")
+  axes[0].legend(fontsize=7)
+  m = [f[0] for f in finals]
+  axes[1].bar(range(len(names)), m, yerr=[f[1] for f in finals],
+              color=[f"C{i}" for i in range(len(names))], capsize=3)
+  for i, (a, _, t) in enumerate(finals):
+    axes[1].text(i, a, f"{a:.3f}\n({t})", ha="center", va="bottom",
+                 fontsize=7)
+  axes[1].set_xticks(range(len(names)), names, rotation=30, ha="right",
+                     fontsize=8)
+  lo = min(m + [gd.mean()])
+  axes[1].set_ylim(max(0.0, lo - 0.05), min(1.0, max(m + [gd.mean()]) + 0.04))
+  axes[1].set(ylabel="final test accuracy (steps run)")
+  fig.suptitle(f"{_title(summaries[0])}: mean of {len(summaries)} seeds,"
+               " +- one standard error")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
 def plot_study(summary: dict, out: str) -> list[str]:
   """Every figure of one study into ``out``; returns the file names."""
   if summary["config"]["dataset"] == "fashion_mnist":
     figs = {"fig3.png": plot_curves, "fig8.png": plot_early,
             "fig5.png": plot_escape, "fig7.png": plot_norms}
+    if summary.get("stability"):
+      figs["stability.png"] = plot_stability
   else:
     figs = {"fig6.png": plot_curves,
             "fig1.png": lambda s, p: figure1([s], p)}

@@ -50,7 +50,8 @@ EVAL_CHUNK = 2000  # examples per evaluation pass when chunk_size is None
 # What each phase's checkpoint must agree on (so that adding a dynamics
 # later reuses theta_GD).
 _GD_KEYS = ("dataset", "model", "vgg_width", "synthetic", "num_clean",
-            "num_corrupt", "num_train", "num_test", "svhn_split", "gd_lr",
+            "num_corrupt", "num_clean_after", "num_train", "num_test",
+            "svhn_split", "gd_lr",
             "gd_steps", "gd_eval_every", "gd_sharpness_every",
             "sharpness_samples", "sharpness_delta", "seed")
 
@@ -353,9 +354,13 @@ def run(out: str, cfg: configs.Config, seed: int = 0,
   configs.check(cfg)
   config = dict(dataclasses.asdict(cfg), seed=seed)
   config["dynamics"] = list(cfg.dynamics)
+  config["dynamics_steps"] = [list(p) for p in cfg.dynamics_steps]
   gd_config = {k: config[k] for k in _GD_KEYS}
+  # A dynamics' checkpoint does not depend on how far it is asked to run: a
+  # finished run asked for more steps goes on from where it stopped.
   dyn_config = {k: v for k, v in config.items()
-                if k not in ("dynamics", "spectrum_eigs", "spectrum_iters")}
+                if k not in ("dynamics", "spectrum_eigs", "spectrum_iters",
+                             "steps", "dynamics_steps", "stability_batches")}
   ckpt = os.path.join(out, "checkpoints")
   if restart and os.path.isdir(ckpt):
     for f in os.listdir(ckpt):
@@ -402,16 +407,24 @@ def run(out: str, cfg: configs.Config, seed: int = 0,
   spectrum = _spectrum(cfg, seed, loss_fn, theta_gd, train_batch,
                        os.path.join(ckpt, "spectrum.json"), gd_config)
   timings["spectrum"] = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  stability = _stability(cfg, seed, loss_fn, theta_gd, train_batch,
+                         data.corrupted, os.path.join(ckpt, "stability.json"),
+                         gd_config)
+  timings["stability"] = time.perf_counter() - t0
 
   # ---- the dynamics from theta_GD ------------------------------------------
-  points = schedule(cfg.steps, cfg.eval_every, cfg.early_steps,
-                    cfg.early_eval_every)
-  last_steps = {cfg.steps}
+  distance = jax.jit(lambda p, q: optax.global_norm(
+      jax.tree.map(jnp.subtract, p, q)))
   results = {}
   n = train_batch["y"].shape[0]
   with_diagnostics = cfg.diag_every > 0
   for name in cfg.dynamics:
     t0 = time.perf_counter()
+    total = cfg.steps_of(name)
+    points = schedule(total, cfg.eval_every, cfg.early_steps,
+                      cfg.early_eval_every)
+    last_steps = {total}
     tx = make_tx(name, cfg, seed)
     is_sgd = name == "SGD"
     advance = _advance_fn(
@@ -429,18 +442,21 @@ def run(out: str, cfg: configs.Config, seed: int = 0,
                                     jax.random.fold_in(jax.random.key(seed),
                                                        0))))
         return row
-      return evaluate(c[0], t, sharp_every=cfg.sharpness_every,
-                      with_norms=diag,
-                      diag_every=cfg.diag_every if diag else None)
+      row = evaluate(c[0], t, sharp_every=cfg.sharpness_every,
+                     with_norms=diag,
+                     diag_every=cfg.diag_every if diag else None)
+      row["distance"] = float(distance(c[0], theta_gd))
+      return row
 
-    with tqdm(total=cfg.steps, desc=name) as bar:
+    with tqdm(total=total, desc=name) as bar:
       _, history = _run_phase(
           name, os.path.join(ckpt, f"dyn_{slug(name)}.msgpack"),
           {"phase": name, **dyn_config}, carry,
           lambda c, t, length, advance=advance: advance(
               c, t, train_batch, length=length),
-          cfg.steps, points, ev, bar)
-    results[name] = history
+          total, points, ev, bar)
+    # A checkpoint run further than asked: report up to ``total``.
+    results[name] = [r for r in history if r["step"] <= total]
     timings[name] = time.perf_counter() - t0
 
   summary = {
@@ -456,6 +472,7 @@ def run(out: str, cfg: configs.Config, seed: int = 0,
       "num_params": int(sum(x.size for x in jax.tree.leaves(params0))),
       "gd": gd_history,
       "spectrum": spectrum,
+      "stability": stability,
       "dynamics": results,
       "table": final_table(results),
   }
@@ -497,6 +514,52 @@ def _spectrum(cfg, seed, loss_fn, theta_gd, train_batch, path, gd_config):
   return spectrum
 
 
+def _stability(cfg, seed, loss_fn, theta_gd, train_batch, corrupted, path,
+               gd_config):
+  """Whether theta_GD is linearly stable for SGD: the top eigenvalue of the
+  Hessian of ``stability_batches`` random minibatches of ``batch_size``
+  (drawn as SGD draws them), each with its number of corrupted examples,
+  against the limit ``2 / lr`` above which a step on that minibatch
+  amplifies the deviation along its top eigenvector (cached)."""
+  if not cfg.stability_batches:
+    return None
+  st_config = dict(gd_config, stability_batches=cfg.stability_batches,
+                   batch_size=cfg.batch_size, lr=cfg.lr)
+  if os.path.exists(path):
+    with open(path) as f:
+      stability = json.load(f)
+    if stability.pop("config") == st_config:
+      return stability
+  n = train_batch["y"].shape[0]
+  base = jax.random.key(seed + 29)
+
+  @jax.jit
+  def top(params, batch, i):
+    key = jax.random.fold_in(base, i)
+    idx = jax.random.choice(key, n, (cfg.batch_size,), replace=False)
+    mini = jax.tree.map(lambda x: x[idx], batch)
+    spec = anisonoise.hessian_spectrum(
+        loss_fn, params, mini, num_eigs=1, key=jax.random.fold_in(key, 1),
+        num_iters=min(40, sum(x.size for x in jax.tree.leaves(params))))
+    return idx, spec.eigenvalues[0], spec.converged
+
+  lams, counts, ok = [], [], True
+  for i in range(cfg.stability_batches):
+    idx, lam, conv = top(theta_gd, train_batch, i)
+    lams.append(float(lam))
+    counts.append(int(corrupted[np.asarray(idx)].sum()))
+    ok = ok and bool(conv)
+  lams_a = np.asarray(lams)
+  stability = {
+      "lambda_1": lams, "num_corrupted": counts, "converged": ok,
+      "limit": 2.0 / cfg.lr,
+      "fraction_unstable": float(np.mean(lams_a > 2.0 / cfg.lr)),
+  }
+  with open(path, "w") as f:
+    json.dump(dict(stability, config=st_config), f)
+  return stability
+
+
 # --------------------------------------------------------------------------
 # Tables
 # --------------------------------------------------------------------------
@@ -510,6 +573,7 @@ def final_table(results: dict) -> dict:
     last = hist[-1]
     sharp = [r for r in hist if "sharpness" in r]
     table[name] = {
+        "steps": last["step"],
         "test_acc": last["test_acc"],
         "train_acc": last["train_acc"],
         "train_acc_corrupted": last.get("train_acc_corrupted", nan),
@@ -525,21 +589,63 @@ def markdown_table(summary: dict) -> str:
   """The final table of a study, in markdown."""
   cfg = summary["config"]
   corrupted = summary["data"]["num_corrupted"] > 0
-  rows = [f"{cfg['dataset']}: after {cfg['steps']} steps from theta_GD (lr"
-          f" {cfg['lr']}, m = {cfg['batch_size']}, seed {cfg['seed']});"
-          f" theta_GD: test accuracy {summary['gd'][-1]['test_acc']:.4f},"
-          " sharpness"
+  rows = [f"{cfg['dataset']}, {summary['data']['num_train']} training"
+          f" images: from theta_GD (lr {cfg['lr']}, m = {cfg['batch_size']},"
+          f" seed {cfg['seed']}); theta_GD: test accuracy"
+          f" {summary['gd'][-1]['test_acc']:.4f}, sharpness"
           f" {summary['gd'][-1].get('sharpness', float('nan')):.4g}.", ""]
-  head = ["dynamics", "test acc"]
+  head = ["dynamics", "steps", "test acc"]
   if corrupted:
     head.append("train acc (corrupted subset)")
   head += ["train acc (all)", "lowest train acc", "expected sharpness"]
   rows += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for name, r in summary["table"].items():
-    cells = [name, f"{r['test_acc']:.4f}"]
+    cells = [name, str(r.get("steps", cfg["steps"])), f"{r['test_acc']:.4f}"]
     if corrupted:
       cells.append(f"{r['train_acc_corrupted']:.3f}")
     cells += [f"{r['train_acc']:.3f}", f"{r['min_train_acc']:.3f}",
               f"{r['sharpness']:.4g} +- {r['sharpness_sem']:.2g}"]
     rows.append("| " + " | ".join(cells) + " |")
+  return "\n".join(rows)
+
+
+def _mean_sem(values) -> tuple[float, float]:
+  v = np.asarray(values, float)
+  sem = v.std(ddof=1) / np.sqrt(len(v)) if len(v) > 1 else float("nan")
+  return float(v.mean()), float(sem)
+
+
+def seeds_table(summaries: list[dict]) -> str:
+  """The final values of several seeds of one study, as mean +- standard
+  error of the mean, in markdown; refuses runs of different settings."""
+  keys = {k: v for k, v in summaries[0]["config"].items() if k != "seed"}
+  for s in summaries[1:]:
+    other = {k: v for k, v in s["config"].items() if k != "seed"}
+    if other != keys:
+      diff = sorted(k for k in set(keys) | set(other)
+                    if keys.get(k) != other.get(k))
+      raise ValueError(f"runs differ in {diff}; combine seeds of one study.")
+  seeds = [s["config"]["seed"] for s in summaries]
+  gd = _mean_sem([s["gd"][-1]["test_acc"] for s in summaries])
+  gd_sharp = _mean_sem([s["gd"][-1].get("sharpness", np.nan)
+                        for s in summaries])
+  rows = [f"{keys['dataset']}, {summaries[0]['data']['num_train']} training"
+          f" images, seeds {seeds}: mean +- standard error over seeds."
+          f" theta_GD: test accuracy {gd[0]:.4f} +- {gd[1]:.4f}, expected"
+          f" sharpness {gd_sharp[0]:.4g} +- {gd_sharp[1]:.2g}.", "",
+          "| dynamics | steps | test acc | test acc - theta_GD's |"
+          " train acc (corrupted subset) | expected sharpness |",
+          "|---|---|---|---|---|---|"]
+  for name in summaries[0]["table"]:
+    t = [s["table"][name] for s in summaries]
+    steps = sorted({r["steps"] for r in t})
+    acc = _mean_sem([r["test_acc"] for r in t])
+    gain = _mean_sem([r["test_acc"] - s["gd"][-1]["test_acc"]
+                      for r, s in zip(t, summaries)])
+    corr = _mean_sem([r["train_acc_corrupted"] for r in t])
+    sharp = _mean_sem([r["sharpness"] for r in t])
+    rows.append(
+        f"| {name} | {'/'.join(map(str, steps))} | {acc[0]:.4f} +-"
+        f" {acc[1]:.4f} | {gain[0]:+.4f} +- {gain[1]:.4f} | {corr[0]:.3f} +-"
+        f" {corr[1]:.3f} | {sharp[0]:.3g} +- {sharp[1]:.2g} |")
   return "\n".join(rows)
