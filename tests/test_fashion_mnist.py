@@ -242,6 +242,37 @@ def test_seeds_combine_into_mean_and_standard_error(tmp_path, tiny_run,
   assert "runs differ in ['lr']" in capsys.readouterr().err
 
 
+def test_collapse_replays_the_first_steps_with_their_curvature(
+    tiny_run, data_dir, tmp_path, capsys):
+  """``--collapse``: the first steps of a dynamics from the run's theta_GD
+  are the run's own (the same draws), each with the Hessian's top
+  eigenvalue (the full batch's, and for SGD its minibatch's)."""
+  out, summary = tiny_run
+  res = fm.collapse(out, TINY, 0, data_dir, steps=2, names=("SGD",))
+  rows = res["dynamics"]["SGD"]
+  assert [r["step"] for r in rows] == [0, 1, 2]
+  ran = {r["step"]: r for r in summary["dynamics"]["SGD"]}
+  for r in rows:
+    if r["step"] in ran:
+      assert r["train_loss"] == pytest.approx(ran[r["step"]]["train_loss"],
+                                              rel=1e-5)
+      assert r["distance"] == pytest.approx(ran[r["step"]].get(
+          "distance", 0.0), rel=1e-4, abs=1e-7)
+  # lambda_1 at theta_GD agrees with the run's spectrum within the
+  # tolerance asked (1e-2 of lambda_1).
+  lam = summary["spectrum"]["eigenvalues"][0]
+  assert rows[0]["lambda_1"] == pytest.approx(lam, rel=1.5e-2)
+  assert all(r["minibatch_lambda_1"] > 0 for r in rows[:-1])
+  assert all(0 <= r["minibatch_corrupted"] <= TINY.batch_size
+             for r in rows[:-1])
+  assert res["limit"] == pytest.approx(2 / TINY.lr)
+  assert os.path.exists(os.path.join(out, "collapse.png"))
+  with pytest.raises(SystemExit):
+    study.main(["--preset", "tiny", "--out", str(tmp_path), "--data-dir",
+                data_dir, "--collapse", "2"], dataset_default="fashion_mnist")
+  assert "theta_gd.msgpack does not exist" in capsys.readouterr().err
+
+
 def test_cli_missing_data_is_a_clear_error(tmp_path, capsys):
   empty = tmp_path / "nothing-here"
   empty.mkdir()

@@ -73,6 +73,10 @@ def parse_args(argv=None, dataset_default: str | None = None):
                       help="join finished runs of one study with different"
                       " seeds: seeds.md (mean +- standard error) and"
                       " fig3_seeds.png into --out (a directory)")
+  parser.add_argument("--collapse", type=int, default=None, metavar="STEPS",
+                      help="re-run the first STEPS steps of each dynamics"
+                      " from the theta_GD in --out, with the Hessian's top"
+                      " eigenvalue at each iterate (collapse.json/.png)")
   parser.add_argument("--figure1", nargs="+", metavar="RUN_DIR",
                       help="draw Fig. 1 from finished runs' results.json"
                       " (one panel each) into --out (a .png path)")
@@ -130,6 +134,16 @@ def main(argv=None, dataset_default: str | None = None) -> None:
                 f" {list(configs.DATASETS)}.\n")
   out = args.out or os.path.join("results", args.dataset)
   t0 = time.perf_counter()
+  if args.collapse is not None:
+    try:
+      train.collapse(out, config_from_args(args), args.seed, args.data_dir,
+                     steps=args.collapse)
+    except (data.DataError, train.ConfigMismatch, ValueError,
+            FileNotFoundError) as e:
+      parser.exit(2, f"error: {e}\n")
+    print(f"wrote {out}/collapse.json and collapse.png in"
+          f" {time.perf_counter() - t0:.1f} s")
+    return
   try:
     cfg = config_from_args(args)
     summary = train.run(out, cfg, args.seed, args.data_dir, args.restart)

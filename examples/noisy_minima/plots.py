@@ -201,6 +201,35 @@ def plot_stability(summary: dict, path: str) -> None:
   plt.close(fig)
 
 
+def plot_collapse(result: dict, path: str) -> None:
+  """The first steps after theta_GD: the full-batch training loss and the
+  top eigenvalue of the full-batch Hessian at each iterate against the
+  stability limit ``2 / lr`` (SGD: also the minibatch it draws)."""
+  plt = _plt()
+  fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+  for i, (name, rows) in enumerate(result["dynamics"].items()):
+    x = [r["step"] for r in rows]
+    axes[0].plot(x, [r["train_loss"] for r in rows], ".-", color=f"C{i}",
+                 label=name)
+    axes[1].plot(x, [r["lambda_1"] for r in rows], ".-", color=f"C{i}",
+                 label=name)
+    mb = [(r["step"], r["minibatch_lambda_1"]) for r in rows
+          if "minibatch_lambda_1" in r]
+    if mb:
+      axes[1].plot(*zip(*mb), "x", color=f"C{i}", ms=6,
+                   label=f"{name}: its minibatch")
+  axes[1].axhline(result["limit"], color="r", ls="--", lw=1,
+                  label=f"2 / lr = {result['limit']:.3g}")
+  axes[0].set(xlabel="iteration after theta_GD", ylabel="training loss",
+              yscale="log")
+  axes[1].set(xlabel="iteration after theta_GD",
+              ylabel="lambda_1 of the Hessian", yscale="log")
+  axes[1].legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
 def plot_seeds(summaries: list[dict], path: str) -> None:
   """Fig. 3 over seeds: the mean test accuracy of each dynamics against the
   iteration after theta_GD, shaded one standard error, and the final test

@@ -514,6 +514,81 @@ def _spectrum(cfg, seed, loss_fn, theta_gd, train_batch, path, gd_config):
   return spectrum
 
 
+def collapse(out: str, cfg: configs.Config, seed: int = 0,
+             data_dir: str | None = None, steps: int = 20,
+             names: tuple[str, ...] | None = None) -> dict:
+  """The first ``steps`` steps of each dynamics from the ``theta_GD`` of a
+  finished (or started) run in ``out``, with the curvature each step meets:
+  the top eigenvalue of the full-batch Hessian at every iterate (against
+  the stability limit ``2 / lr`` of a gradient step) and, for SGD, that of
+  the minibatch the step draws. The same draws as the study's run (the
+  same keys), so these are its first iterations; written to
+  ``collapse.json`` and ``collapse.png``."""
+  configs.check(cfg)
+  path = os.path.join(out, "theta_gd.msgpack")
+  data = input_pipeline.load(cfg, data_dir, seed)
+  batch = data.train
+  params0, loss_fn, _ = models.create(cfg, seed)
+  restored = load_checkpoint(path, params0)
+  if restored is None:
+    raise FileNotFoundError(f"{path} does not exist; run the study (at"
+                            " least its GD phase) first.")
+  theta_gd, record = restored
+  config = dict(dataclasses.asdict(cfg), seed=seed)
+  if any(record["config"][k] != config[k] for k in _GD_KEYS):
+    raise ConfigMismatch(f"{path} was written with other settings than"
+                         f" --preset/--seed give.")
+  n = batch["y"].shape[0]
+  m = cfg.batch_size
+  lanczos_key = jax.random.key(seed + 31)
+
+  @jax.jit
+  def top1(params, b):
+    spec = anisonoise.hessian_spectrum(loss_fn, params, b, num_eigs=1,
+                                       key=lanczos_key, num_iters=30,
+                                       tol=1e-2, unroll=False)
+    return spec.eigenvalues[0]
+
+  @jax.jit
+  def mean_loss(params, b):
+    return jnp.mean(loss_fn(params, b))
+
+  distance = jax.jit(lambda p, q: optax.global_norm(
+      jax.tree.map(jnp.subtract, p, q)))
+  base = jax.random.key(seed + 23)  # sgd_step's draws
+  result = {"config": config, "steps": steps, "limit": 2.0 / cfg.lr,
+            "dynamics": {}}
+  for name in names or cfg.dynamics:
+    tx = make_tx(name, cfg, seed)
+    is_sgd = name == "SGD"
+    advance = _advance_fn(sgd_step(loss_fn, tx, m, n, seed) if is_sgd else
+                          noise_step(loss_fn, tx, cfg.chunk_size))
+    carry = (theta_gd, tx.init(theta_gd))
+    rows = []
+    for t in range(steps + 1):
+      p = carry[0]
+      row = {"step": t, "train_loss": float(mean_loss(p, batch)),
+             "distance": float(distance(p, theta_gd)),
+             "lambda_1": float(top1(p, batch))}
+      if is_sgd and t < steps:
+        idx = jax.random.choice(jax.random.fold_in(base, t), n, (m,),
+                                replace=False)
+        mini = jax.tree.map(lambda x: x[idx], batch)
+        row["minibatch_lambda_1"] = float(top1(p, mini))
+        row["minibatch_corrupted"] = int(
+            data.corrupted[np.asarray(idx)].sum())
+      rows.append(row)
+      if t < steps:
+        carry = advance(carry, t, batch, length=1)
+    result["dynamics"][name] = rows
+    print(name, " ".join(f"{r['train_loss']:.3g}/{r['lambda_1']:.3g}"
+                         for r in rows), flush=True)
+  with open(os.path.join(out, "collapse.json"), "w") as f:
+    json.dump(result, f, indent=1)
+  plots.plot_collapse(result, os.path.join(out, "collapse.png"))
+  return result
+
+
 def _stability(cfg, seed, loss_fn, theta_gd, train_batch, corrupted, path,
                gd_config):
   """Whether theta_GD is linearly stable for SGD: the top eigenvalue of the
