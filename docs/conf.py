@@ -53,7 +53,8 @@ def _benchmark_tables() -> str:
   each benchmark's own ``markdown`` function (never copied by hand)."""
   sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
   renderers = {"step_cost": "step_cost", "peers": "peers",
-               "memory": "memory", "scaling": "scaling", "scale": "scale"}
+               "memory": "memory", "scaling": "scaling", "scale": "scale",
+               "warm_start": "warm_start"}
   parts = []
   for where, title in (("", "On the 2-core CPU"),
                        ("gpu", "On one NVIDIA H100")):

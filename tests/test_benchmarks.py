@@ -14,6 +14,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..",
 import peers  # noqa: E402
 import scaling  # noqa: E402
 import step_cost  # noqa: E402
+import warm_start  # noqa: E402
 
 
 def _run(module, monkeypatch, *argv):
@@ -31,6 +32,20 @@ def test_step_cost_smoke(tmp_path, monkeypatch):
   assert "| GLD Hessian k=20 | 2 |" in open(tmp_path /
                                             "step_cost_mlp.md").read()
   assert res["env"]["jax"]
+
+
+def test_warm_start_smoke(tmp_path, monkeypatch):
+  _run(warm_start, monkeypatch, "--problem", "mlp", "--n", "32", "--hidden",
+       "8", "--refreshes", "2", "--refresh-every", "2", "--out",
+       str(tmp_path))
+  res = json.load(open(tmp_path / "warm_start_mlp.json"))
+  (prob,) = res["problems"]
+  assert prob["num_params"] == 426 and prob["matvecs"] == 20
+  assert [r["refresh"] for r in prob["rows"]] == [1, 2]
+  for r in prob["rows"]:
+    for name in ("GLD Hessian", "GLD leading"):
+      assert 0 <= r[name]["warm_error"] < 1 and r[name]["lambda_1"] > 0
+  assert "| 2 |" in open(tmp_path / "warm_start_mlp.md").read()
 
 
 def test_scaling_smoke(tmp_path, monkeypatch):

@@ -297,6 +297,80 @@ def _is_concrete(x) -> bool:
   return not isinstance(x, jax.core.Tracer)
 
 
+def _orthogonalise(basis: jax.Array, w: jax.Array) -> jax.Array:
+  """``w`` without its part in the span of the rows of ``basis`` (zero rows
+  drop out), normalised (CGS2); zero if nothing is left."""
+  scale = jnp.linalg.norm(w)
+  w = w - basis.T @ (basis @ w)
+  w = w - basis.T @ (basis @ w)
+  beta = jnp.linalg.norm(w)
+  ok = beta > 16 * jnp.finfo(w.dtype).eps * scale
+  return jnp.where(ok, w / jnp.where(ok, beta, 1.0), 0.0)
+
+
+class _Recycled(NamedTuple):
+  values: jax.Array     # (m,) Ritz values, descending
+  vectors: jax.Array    # (m, D) Ritz vectors (rows)
+  residuals: jax.Array  # (m,) ||A u_j - theta_j u_j||, computed
+  images: jax.Array     # (m, D) A u_j
+
+
+def _recycled_cycle(mv, block: jax.Array, key: jax.Array, num_iters: int,
+                    unroll: bool, images: jax.Array | None = None
+                    ) -> _Recycled:
+  """Rayleigh-Ritz on ``[block, K]``: the ``b`` rows of ``block`` (for
+  instance a previous solve's eigenvectors) and ``num_iters - b`` Krylov
+  directions grown from their block residual, ``num_iters`` products in
+  all. Subspace recycling: a refresh keeps what earlier refreshes found, so
+  that along a slowly changing operator the accuracy builds up across
+  refreshes instead of starting over. With ``images`` (``A block``, known
+  for Ritz vectors of the same operator: a restart) the block is taken as
+  orthonormal and costs no product."""
+  b, dim = block.shape
+  rand = jax.random.normal(key, (b + 1, dim), block.dtype)
+  basis = jnp.zeros((num_iters, dim), block.dtype)
+  if images is None:
+    # A zero block row (an empty cache) gets a random direction instead.
+    for i in range(b):
+      row = jnp.where(jnp.linalg.norm(block[i]) > 0, block[i], rand[i])
+      basis = basis.at[i].set(_orthogonalise(basis, row))
+    av = jax.lax.map(mv, basis[:b])
+  else:
+    basis = basis.at[:b].set(block)
+    av = images
+  images = jnp.zeros((num_iters, dim), block.dtype).at[:b].set(av)
+  # The block residual A V - V (V^T A V), summed, starts the Krylov part
+  # (a random direction is added so that an invariant block still grows).
+  resid = av - (av @ basis[:b].T) @ basis[:b]
+  start = jnp.sum(resid, axis=0)
+  start = start + 1e-3 * jnp.linalg.norm(start) * rand[b] / jnp.sqrt(dim)
+  basis = basis.at[b].set(_orthogonalise(basis, start))
+
+  def step(j, carry):
+    basis, images = carry
+    w = mv(basis[j])
+    images = images.at[j].set(w)
+    nxt = _orthogonalise(basis, w)
+    basis = basis.at[j + 1].set(jnp.where(j + 1 < num_iters, nxt, 0.0))
+    return basis, images
+
+  carry = (jnp.concatenate([basis, jnp.zeros((1, dim), basis.dtype)]),
+           images)
+  if unroll:
+    for j in range(b, num_iters):
+      carry = step(j, carry)
+  else:
+    carry = jax.lax.fori_loop(b, num_iters, step, carry)
+  basis, images = carry[0][:num_iters], carry[1]
+  t = basis @ images.T
+  evals, evecs = jnp.linalg.eigh(0.5 * (t + t.T))
+  evals, evecs = evals[::-1], evecs[:, ::-1]
+  u = evecs.T @ basis
+  au = evecs.T @ images
+  res = jnp.linalg.norm(au - evals[:, None] * u, axis=1)
+  return _Recycled(evals, u, res, au)
+
+
 def top_eigenpairs(
     matvec: Matvec,
     like: Params,
@@ -307,6 +381,7 @@ def top_eigenpairs(
     tol: float | None = 1e-3,
     max_matvecs: int | None = None,
     init_vector: Params | None = None,
+    init_subspace: Params | None = None,
     unroll: bool | None = None,
 ) -> EigenResult:
   """Top-k (largest algebraic) eigenpairs of a symmetric linear operator.
@@ -342,6 +417,15 @@ def top_eigenpairs(
       ``10 num_iters``. A restart that would exceed it is not run.
     init_vector: optional start vector (a pytree like ``like``) in place of
       the random one; ``key`` is then unused.
+    init_subspace: optional warm start from ``b < num_iters`` vectors (a
+      pytree like ``like`` whose leaves have a leading axis ``b``; for
+      instance a previous result's ``eigenvectors``; zero rows are replaced
+      by random ones): each cycle is then a Rayleigh-Ritz step on these
+      vectors (the current top ``b`` Ritz vectors after the first cycle)
+      plus ``num_iters - b`` Krylov directions grown from their residual,
+      ``num_iters`` products per cycle. Along a slowly changing operator
+      (a training trajectory) the accuracy accumulates from solve to
+      solve.
     unroll: unroll each cycle at trace time (``True``) or use
       ``lax.fori_loop`` (``False``); ``None`` unrolls up to 64 steps on a
       CPU and loops elsewhere. Restarts run in a ``lax.while_loop`` under
@@ -393,12 +477,17 @@ def top_eigenpairs(
     unroll = default_lanczos_unroll(num_iters)
 
   dtype = flat.dtype
+  mv = flat_matvec(matvec, unravel, dtype)
+  if init_subspace is not None:
+    if init_vector is not None:
+      raise ValueError("give init_vector or init_subspace, not both.")
+    return _recycled_eigenpairs(mv, unravel, init_subspace, k, key,
+                                num_iters, tol, max_matvecs, unroll, dtype)
   if init_vector is None:
     v0 = jax.random.normal(key, (dim,), dtype)
   else:
     v0 = ravel_pytree(init_vector)[0].astype(dtype)
 
-  mv = flat_matvec(matvec, unravel, dtype)
   krylov = build_krylov(mv, v0, num_iters, unroll)
   ritz = _ritz(krylov)
   check = 1e-3 if tol is None else tol
@@ -428,6 +517,13 @@ def top_eigenpairs(
     krylov, ritz, used = carry
 
   converged = _converged(ritz, k, check)
+  _warn_unconverged(tol, converged, ritz, k, check, used)
+  vecs = ritz.vectors[:, :k].T @ krylov.basis[:num_iters]  # (k, D)
+  return EigenResult(ritz.values[:k], jax.vmap(unravel)(vecs),
+                     ritz.residuals[:k], used, converged)
+
+
+def _warn_unconverged(tol, converged, ritz, k, check, used) -> None:
   if tol is not None and _is_concrete(converged) and not bool(converged):
     warnings.warn(
         f"top_eigenpairs: the top {k} Ritz pairs did not reach residual"
@@ -435,7 +531,46 @@ def top_eigenpairs(
         f" residual / |lambda_1| ="
         f" {float(jnp.max(ritz.residuals[:k]) / jnp.abs(ritz.values[0])):.2e})."
         " Raise max_matvecs or num_iters, or loosen tol.",
-        RuntimeWarning, stacklevel=2)
-  vecs = ritz.vectors[:, :k].T @ krylov.basis[:num_iters]  # (k, D)
-  return EigenResult(ritz.values[:k], jax.vmap(unravel)(vecs),
+        RuntimeWarning, stacklevel=3)
+
+
+def _recycled_eigenpairs(mv, unravel, init_subspace, k, key, num_iters, tol,
+                         max_matvecs, unroll, dtype) -> EigenResult:
+  """:func:`top_eigenpairs` warm-started from ``init_subspace``: recycled
+  cycles (:func:`_recycled_cycle`) until the tolerance or the budget."""
+  block = jax.vmap(lambda t: ravel_pytree(t)[0])(init_subspace).astype(dtype)
+  b = block.shape[0]
+  if not 1 <= b < num_iters:
+    raise ValueError(f"init_subspace holds {b} vectors; it needs 1 <= b <"
+                     f" num_iters={num_iters}.")
+  keys = jax.random.split(key, 2)
+  ritz = _recycled_cycle(mv, block, keys[0], num_iters, unroll)
+  used = jnp.asarray(num_iters, jnp.int32)
+  check = 1e-3 if tol is None else tol
+  # Restarts keep k plus half of the rest, as the thick restart does; their
+  # images are known, so a restart costs num_iters - keep products.
+  keep = max(b, min(num_iters - 1, k + (num_iters - k) // 2))
+  if tol is not None:
+    def more(carry):
+      ritz, used, _ = carry
+      return ((~_converged(ritz, k, tol))
+              & (used + num_iters - keep <= max_matvecs))
+
+    def cycle(carry):
+      ritz, used, key = carry
+      key, sub = jax.random.split(key)
+      ritz = _recycled_cycle(mv, ritz.vectors[:keep], sub, num_iters, unroll,
+                             images=ritz.images[:keep])
+      return ritz, used + num_iters - keep, key
+
+    carry = (ritz, used, keys[1])
+    if _is_concrete(ritz.values):
+      while bool(more(carry)):
+        carry = cycle(carry)
+    else:
+      carry = jax.lax.while_loop(more, cycle, carry)
+    ritz, used, _ = carry
+  converged = _converged(ritz, k, check)
+  _warn_unconverged(tol, converged, ritz, k, check, used)
+  return EigenResult(ritz.values[:k], jax.vmap(unravel)(ritz.vectors[:k]),
                      ritz.residuals[:k], used, converged)

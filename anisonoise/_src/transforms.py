@@ -29,14 +29,13 @@ transform never hides a broken gradient.
 
 from __future__ import annotations
 
-import math
+import functools
 from typing import Any, Callable, NamedTuple
 
 import chex
 import jax
 import jax.numpy as jnp
 import optax
-from jax.flatten_util import ravel_pytree
 
 from anisonoise._src import batching
 from anisonoise._src import covariance
@@ -578,13 +577,20 @@ def _low_rank_transform(
     d = batching.num_params(params)
     iters = (curvature.default_num_iters(k, d) if num_iters is None
              else min(num_iters, d))
-    res = curvature.top_eigenpairs(
+    solve = functools.partial(
+        curvature.top_eigenpairs,
         operator(loss_fn, params, batch, chunk_size=opts["chunk_size"]),
         params, k, key=eig_key, num_iters=iters, tol=opts["tol"],
         max_matvecs=opts["max_matvecs"],
-        unroll=curvature.lanczos_unroll(batch, opts["chunk_size"], iters),
-        init_vector=_warm_start(old.eigenvectors, eig_key),
-    )
+        unroll=curvature.lanczos_unroll(batch, opts["chunk_size"], iters))
+    if iters > k:
+      # Warm start from the cached eigenvectors (subspace recycling) once
+      # there are any; the first refresh is a cold Lanczos solve.
+      res = jax.lax.cond(
+          jnp.any(old.residual_norms != 0) | jnp.any(old.eigenvalues != 0),
+          lambda: solve(init_subspace=old.eigenvectors), solve)
+    else:
+      res = solve()
     n = batching.num_examples(batch)
     if trace is None:
       tr_c = _estimate_trace_c(loss_fn, params, batch, trace_key, opts)
@@ -611,26 +617,6 @@ def _low_rank_transform(
       who, _LowRankFactor, init_factor, estimate, draw, LowRankNoiseState,
       refresh_every, key,
   )
-
-
-def _warm_start(eigenvectors: Params, key: jax.Array) -> Params:
-  """The start vector of a refresh: the sum of the cached unit eigenvectors
-  plus a random vector of unit norm (the whole start at the first refresh,
-  when the cache is zero).
-
-  Measured along a GD trajectory (tanh MLP 32-48-48-10, D = 4,426, 512
-  examples, k = 10, refresh every 5 steps, ``tol=1e-2``, ``num_iters=20``):
-  56 products per refresh on average over refreshes 2 to 8, against 63
-  from a random start. A block start from the cached vectors (a Rayleigh-
-  Ritz step on them, then new directions) needed as many products and was
-  less accurate at a fixed budget, so it is not used.
-  """
-  total = jax.tree.map(lambda v: jnp.sum(v, axis=0), eigenvectors)
-  flat, unravel = ravel_pytree(total)
-  # The random vector a cold start draws (top_eigenpairs' own), so the
-  # first refresh is the cold solve.
-  noise = jax.random.normal(key, flat.shape, flat.dtype)
-  return unravel(flat + noise / math.sqrt(flat.size))
 
 
 def _clip(eigenvalues):
@@ -660,8 +646,11 @@ _LOW_RANK_ARGS_DOC = """
       steps; noise is drawn every step.
     key: int seed or PRNG key (start vectors and draws).
     num_iters: Lanczos basis size (matvecs per refresh without ``tol``);
-      default ``max(2k, k + 10)``, at most ``D``. Each refresh starts from
-      the sum of the cached eigenvectors plus a random vector.
+      default ``max(2k, k + 10)``, at most ``D``. From the second refresh
+      on, the solve is warm-started from the cached eigenvectors
+      (``top_eigenpairs(init_subspace=...)``: a Rayleigh-Ritz step on them
+      plus ``num_iters - k`` new Krylov directions), so that the accuracy
+      builds up across refreshes at the same number of products.
     tol: if set, restart Lanczos at each refresh until every cached pair
       has residual ``<= tol |lambda_1|`` (its eigenvalue is then within
       that of the operator's), up to ``max_matvecs``; ``None`` (default):
