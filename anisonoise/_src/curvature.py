@@ -508,19 +508,24 @@ def top_eigenpairs(
                        num_iters, unroll)
       return krylov, _ritz(krylov), used + per_cycle
 
-    carry = (krylov, ritz, used)
-    if _is_concrete(krylov.projected):
-      while bool(more(carry)):
-        carry = cycle(carry)
-    else:
-      carry = jax.lax.while_loop(more, cycle, carry)
-    krylov, ritz, used = carry
+    krylov, ritz, used = _restarts(more, cycle, (krylov, ritz, used),
+                                   _is_concrete(krylov.projected))
 
   converged = _converged(ritz, k, check)
   _warn_unconverged(tol, converged, ritz, k, check, used)
   vecs = ritz.vectors[:, :k].T @ krylov.basis[:num_iters]  # (k, D)
   return EigenResult(ritz.values[:k], jax.vmap(unravel)(vecs),
                      ritz.residuals[:k], used, converged)
+
+
+def _restarts(more, cycle, carry, eager: bool):
+  """``cycle`` while ``more``: a Python loop when called eagerly (each
+  cycle's products run as they come), a ``lax.while_loop`` under jit."""
+  if eager:
+    while bool(more(carry)):
+      carry = cycle(carry)
+    return carry
+  return jax.lax.while_loop(more, cycle, carry)
 
 
 def _warn_unconverged(tol, converged, ritz, k, check, used) -> None:
@@ -563,13 +568,8 @@ def _recycled_eigenpairs(mv, unravel, init_subspace, k, key, num_iters, tol,
                              images=ritz.images[:keep])
       return ritz, used + num_iters - keep, key
 
-    carry = (ritz, used, keys[1])
-    if _is_concrete(ritz.values):
-      while bool(more(carry)):
-        carry = cycle(carry)
-    else:
-      carry = jax.lax.while_loop(more, cycle, carry)
-    ritz, used, _ = carry
+    ritz, used, _ = _restarts(more, cycle, (ritz, used, keys[1]),
+                              _is_concrete(ritz.values))
   converged = _converged(ritz, k, check)
   _warn_unconverged(tol, converged, ritz, k, check, used)
   return EigenResult(ritz.values[:k], jax.vmap(unravel)(ritz.vectors[:k]),
