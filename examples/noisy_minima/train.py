@@ -127,16 +127,28 @@ def noise_step(loss_fn, tx, chunk_size=None):
   return step
 
 
+def draw_minibatch(base, i, n: int, m: int, batch):
+  """``(idx, minibatch)``: ``m`` distinct examples of the ``n`` in
+  ``batch``, drawn from ``base`` folded with ``i`` (a step or a draw
+  number), so that the same ``i`` always draws the same."""
+  idx = jax.random.choice(jax.random.fold_in(base, i), n, (m,),
+                          replace=False)
+  return idx, jax.tree.map(lambda x: x[idx], batch)
+
+
+def sgd_key(seed: int) -> jax.Array:
+  """The base key of SGD's minibatch draws."""
+  return jax.random.key(seed + 23)
+
+
 def sgd_step(loss_fn, tx, m, n, seed):
   """SGD with ``m`` distinct examples per step, drawn afresh each step from
   a key folded with the step number (so a resumed run draws the same)."""
-  base = jax.random.key(seed + 23)
+  base = sgd_key(seed)
 
   def step(carry, t, batch):
     params, state = carry
-    idx = jax.random.choice(jax.random.fold_in(base, t), n, (m,),
-                            replace=False)
-    mini = jax.tree.map(lambda x: x[idx], batch)
+    _, mini = draw_minibatch(base, t, n, m, batch)
     g = jax.grad(lambda p: jnp.mean(loss_fn(p, mini)))(params)
     updates, state = tx.update(g, state, params)
     return optax.apply_updates(params, updates), state
@@ -414,8 +426,6 @@ def run(out: str, cfg: configs.Config, seed: int = 0,
   timings["stability"] = time.perf_counter() - t0
 
   # ---- the dynamics from theta_GD ------------------------------------------
-  distance = jax.jit(lambda p, q: optax.global_norm(
-      jax.tree.map(jnp.subtract, p, q)))
   results = {}
   n = train_batch["y"].shape[0]
   with_diagnostics = cfg.diag_every > 0
@@ -445,7 +455,7 @@ def run(out: str, cfg: configs.Config, seed: int = 0,
       row = evaluate(c[0], t, sharp_every=cfg.sharpness_every,
                      with_norms=diag,
                      diag_every=cfg.diag_every if diag else None)
-      row["distance"] = float(distance(c[0], theta_gd))
+      row["distance"] = float(_distance(c[0], theta_gd))
       return row
 
     with tqdm(total=total, desc=name) as bar:
@@ -488,30 +498,47 @@ def run(out: str, cfg: configs.Config, seed: int = 0,
   return summary
 
 
+@jax.jit
+def _distance(params, theta):
+  """``||params - theta||`` over every leaf."""
+  return optax.global_norm(jax.tree.map(jnp.subtract, params, theta))
+
+
+def _cached(path: str, config: dict, compute: Callable[[], dict]) -> dict:
+  """``compute()``'s JSON-able result, stored in ``path`` with ``config``
+  and read back while ``config`` is unchanged."""
+  if os.path.exists(path):
+    with open(path) as f:
+      stored = json.load(f)
+    if stored.pop("config") == config:
+      return stored
+  result = compute()
+  with open(path, "w") as f:
+    json.dump(dict(result, config=config), f)
+  return result
+
+
 def _spectrum(cfg, seed, loss_fn, theta_gd, train_batch, path, gd_config):
   """The top ``spectrum_eigs`` Hessian eigenvalues at theta_GD (cached)."""
   if not cfg.spectrum_eigs:
     return None
   spec_config = dict(gd_config, spectrum_eigs=cfg.spectrum_eigs,
                      spectrum_iters=cfg.spectrum_iters)
-  if os.path.exists(path):
-    with open(path) as f:
-      spectrum = json.load(f)
-    if spectrum.pop("config") == spec_config:
-      return spectrum
+  return _cached(path, spec_config, lambda: _compute_spectrum(
+      cfg, seed, loss_fn, theta_gd, train_batch))
+
+
+def _compute_spectrum(cfg, seed, loss_fn, theta_gd, train_batch) -> dict:
   print(f"top {cfg.spectrum_eigs} Hessian eigenvalues at theta_GD ...",
         flush=True)
   spec = jax.jit(lambda p, b: anisonoise.hessian_spectrum(
       loss_fn, p, b, num_eigs=cfg.spectrum_eigs,
       num_iters=cfg.spectrum_iters, chunk_size=cfg.chunk_size,
       key=jax.random.key(seed + 5)))(theta_gd, train_batch)
-  spectrum = {"eigenvalues": np.asarray(spec.eigenvalues).tolist(),
-              "residual_norms": np.asarray(spec.residual_norms).tolist(),
-              "num_matvecs": int(spec.num_matvecs),
-              "converged": bool(spec.converged)}
-  with open(path, "w") as f:
-    json.dump(dict(spectrum, config=spec_config), f)
-  return spectrum
+  return {"eigenvalues": np.asarray(spec.eigenvalues).tolist(),
+          "residual_norms": np.asarray(spec.residual_norms).tolist(),
+          "num_matvecs": int(spec.num_matvecs),
+          "converged": bool(spec.converged)}
 
 
 def collapse(out: str, cfg: configs.Config, seed: int = 0,
@@ -553,9 +580,7 @@ def collapse(out: str, cfg: configs.Config, seed: int = 0,
   def mean_loss(params, b):
     return jnp.mean(loss_fn(params, b))
 
-  distance = jax.jit(lambda p, q: optax.global_norm(
-      jax.tree.map(jnp.subtract, p, q)))
-  base = jax.random.key(seed + 23)  # sgd_step's draws
+  base = sgd_key(seed)
   result = {"config": config, "steps": steps, "limit": 2.0 / cfg.lr,
             "dynamics": {}}
   for name in names or cfg.dynamics:
@@ -568,12 +593,10 @@ def collapse(out: str, cfg: configs.Config, seed: int = 0,
     for t in range(steps + 1):
       p = carry[0]
       row = {"step": t, "train_loss": float(mean_loss(p, batch)),
-             "distance": float(distance(p, theta_gd)),
+             "distance": float(_distance(p, theta_gd)),
              "lambda_1": float(top1(p, batch))}
       if is_sgd and t < steps:
-        idx = jax.random.choice(jax.random.fold_in(base, t), n, (m,),
-                                replace=False)
-        mini = jax.tree.map(lambda x: x[idx], batch)
+        idx, mini = draw_minibatch(base, t, n, m, batch)
         row["minibatch_lambda_1"] = float(top1(p, mini))
         row["minibatch_corrupted"] = int(
             data.corrupted[np.asarray(idx)].sum())
@@ -600,19 +623,19 @@ def _stability(cfg, seed, loss_fn, theta_gd, train_batch, corrupted, path,
     return None
   st_config = dict(gd_config, stability_batches=cfg.stability_batches,
                    batch_size=cfg.batch_size, lr=cfg.lr)
-  if os.path.exists(path):
-    with open(path) as f:
-      stability = json.load(f)
-    if stability.pop("config") == st_config:
-      return stability
+  return _cached(path, st_config, lambda: _compute_stability(
+      cfg, seed, loss_fn, theta_gd, train_batch, corrupted))
+
+
+def _compute_stability(cfg, seed, loss_fn, theta_gd, train_batch,
+                       corrupted) -> dict:
   n = train_batch["y"].shape[0]
   base = jax.random.key(seed + 29)
 
   @jax.jit
   def top(params, batch, i):
     key = jax.random.fold_in(base, i)
-    idx = jax.random.choice(key, n, (cfg.batch_size,), replace=False)
-    mini = jax.tree.map(lambda x: x[idx], batch)
+    idx, mini = draw_minibatch(base, i, n, cfg.batch_size, batch)
     spec = anisonoise.hessian_spectrum(
         loss_fn, params, mini, num_eigs=1, key=jax.random.fold_in(key, 1),
         num_iters=min(40, sum(x.size for x in jax.tree.leaves(params))))
@@ -624,15 +647,11 @@ def _stability(cfg, seed, loss_fn, theta_gd, train_batch, corrupted, path,
     lams.append(float(lam))
     counts.append(int(corrupted[np.asarray(idx)].sum()))
     ok = ok and bool(conv)
-  lams_a = np.asarray(lams)
-  stability = {
+  return {
       "lambda_1": lams, "num_corrupted": counts, "converged": ok,
       "limit": 2.0 / cfg.lr,
-      "fraction_unstable": float(np.mean(lams_a > 2.0 / cfg.lr)),
+      "fraction_unstable": float(np.mean(np.asarray(lams) > 2.0 / cfg.lr)),
   }
-  with open(path, "w") as f:
-    json.dump(dict(stability, config=st_config), f)
-  return stability
 
 
 # --------------------------------------------------------------------------
