@@ -36,14 +36,17 @@ from anisonoise._src.diagnostics import spectral_density
 from anisonoise._src.estimators import MonteCarloEstimate
 from anisonoise._src.sums import Batches
 from anisonoise._src.sums import mean_gradient
+from anisonoise._src.transforms import DiagonalFactor
 from anisonoise._src.transforms import DiagonalNoiseState
 from anisonoise._src.transforms import DynamicIsotropicNoiseState
 from anisonoise._src.transforms import HessianEigvecNoiseState
 from anisonoise._src.transforms import HessianNoiseState
 from anisonoise._src.transforms import IsotropicNoiseState
 from anisonoise._src.transforms import LeadingNoiseState
+from anisonoise._src.transforms import LowRankFactor
 from anisonoise._src.transforms import LowRankNoiseState
 from anisonoise._src.transforms import SgdNoiseState
+from anisonoise._src.transforms import TraceFactor
 from anisonoise._src.transforms import diagonal_noise
 from anisonoise._src.transforms import dynamic_isotropic_noise
 from anisonoise._src.transforms import hessian_eigvec_noise
@@ -57,6 +60,7 @@ __version__ = "0.1.0"
 __all__ = (
     "Batches",
     "DYNAMICS",
+    "DiagonalFactor",
     "DiagonalNoiseState",
     "DynamicIsotropicNoiseState",
     "EigenResult",
@@ -66,10 +70,12 @@ __all__ = (
     "HessianSpectrum",
     "IsotropicNoiseState",
     "LeadingNoiseState",
+    "LowRankFactor",
     "LowRankNoiseState",
     "MonteCarloEstimate",
     "OUEscapeEfficiency",
     "SgdNoiseState",
+    "TraceFactor",
     "SpectralDensity",
     "covariance_diagonal",
     "covariance_operator",

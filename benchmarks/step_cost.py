@@ -6,7 +6,11 @@ timed at ``refresh_every`` 1 and 10, averaged over ``refresh_every``
 consecutive jitted steps (so a refresh is counted once per period), median
 of ``--repeats``. The matvec floor is GD step + k matvecs / refresh_every
 (the issue's definition; Lanczos itself runs ``max(2k, k + 10)`` matvecs),
-with the matvec timed as one linearisation plus one product.
+with the matvec timed as one linearisation plus one product. Each dynamics
+that estimates ``Tr(C)`` (or ``diag(C)``) is timed with the library's
+default estimator (random probes; deflated for the low-rank noises) and
+with ``trace_estimator="exact"`` (per-example gradients, the paper's), in
+the same run.
 
 Writes ``step_cost_<model>.json`` and ``.md`` to ``--out``.
 
@@ -40,10 +44,17 @@ def mlp_problem(n=1200, d_in=784, hidden=64, seed=0):
   return _common.mlp_problem(x, rng.integers(0, 10, n), hidden, seed=seed)
 
 
-def dynamics(refresh, chunk_size=None, m=M, k=K):
+ESTIMATING = ("GLD dynamic", "GLD diag", "GLD leading", "GLD Hessian",
+              "GLD 1st eigvec(H)")
+
+
+def dynamics(refresh, chunk_size=None, m=M, k=K, trace_estimator=None):
   """row label -> (transform or None, matvecs per refresh of its floor), the
   noise-injected rows of ``anisonoise.DYNAMICS`` (SGD has no full-batch
-  step to time)."""
+  step to time); with ``trace_estimator``, only those that estimate
+  ``Tr(C)``, with that estimator."""
+  extra = {} if trace_estimator is None else {
+      "trace_estimator": trace_estimator}
   floor = {"GLD leading": k, "GLD Hessian": k, "GLD 1st eigvec(H)": 1}
   label = {"GLD leading": f"GLD leading k={k}",
            "GLD Hessian": f"GLD Hessian k={k}",
@@ -51,8 +62,9 @@ def dynamics(refresh, chunk_size=None, m=M, k=K):
   return {
       label.get(name, name): (anisonoise.dynamics_noise(
           name, std=1e-3, k=k, batch_size=m, refresh_every=refresh,
-          chunk_size=chunk_size), floor.get(name, 0))
+          chunk_size=chunk_size, **extra), floor.get(name, 0))
       for name in anisonoise.DYNAMICS if name != "SGD"
+      and (trace_estimator is None or name in ESTIMATING)
   }
 
 
@@ -92,6 +104,10 @@ def main():
   parser.add_argument("--n", type=int, default=1200)
   parser.add_argument("--dynamics", nargs="+", default=None,
                       help="a subset of the dynamics (default: all)")
+  parser.add_argument("--trace-estimator", nargs="+",
+                      default=["default", "exact"],
+                      help="Tr(C) estimators to time: the library's default"
+                      " and/or 'exact'")
   parser.add_argument("--out", default="results/benchmarks")
   args = parser.parse_args()
   env = environment()
@@ -108,21 +124,27 @@ def main():
         flush=True)
   rows = []
   for refresh in args.refresh:
-    for name, (noise, matvecs) in dynamics(refresh).items():
-      if name == "GD" or (refresh > 1 and name in ("GLD const",
-                                                   "GD + SGD noise")):
-        continue
-      if args.dynamics and name not in args.dynamics:
-        continue
-      t = time_steps(loss_fn, params, batch, noise, refresh, args.repeats)
-      floor = t_gd + matvecs * t_mv / refresh
-      row = {"dynamics": name, "refresh_every": refresh, "step_s": t,
-             "ratio_to_gd": t / t_gd,
-             "ratio_to_floor": t / floor if matvecs else None}
-      rows.append(row)
-      floor_txt = f"{row['ratio_to_floor']:.2f}" if matvecs else "-"
-      print(f"{name:18s} refresh {refresh:2d}: {t:7.3f} s/step,"
-            f" {t / t_gd:5.2f}x GD, {floor_txt} x floor", flush=True)
+    for estimator in args.trace_estimator:
+      exact = estimator == "exact"
+      table = dynamics(refresh, trace_estimator="exact" if exact else None)
+      for name, (noise, matvecs) in table.items():
+        if name == "GD" or (refresh > 1 and name in ("GLD const",
+                                                     "GD + SGD noise")):
+          continue
+        if args.dynamics and name not in args.dynamics:
+          continue
+        t = time_steps(loss_fn, params, batch, noise, refresh, args.repeats)
+        floor = t_gd + matvecs * t_mv / refresh
+        row = {"dynamics": name, "refresh_every": refresh,
+               "trace_estimator": estimator if exact or name not in (
+                   "GLD const", "GD + SGD noise") else "-",
+               "step_s": t, "ratio_to_gd": t / t_gd,
+               "ratio_to_floor": t / floor if matvecs else None}
+        rows.append(row)
+        floor_txt = f"{row['ratio_to_floor']:.2f}" if matvecs else "-"
+        print(f"{name:18s} refresh {refresh:2d} {row['trace_estimator']:7s}:"
+              f" {t:7.3f} s/step, {t / t_gd:5.2f}x GD, {floor_txt} x floor",
+              flush=True)
   res = {"env": env, "model": args.model, "D": int(flat.size), "n": args.n,
          "gd_step_s": t_gd, "matvec_s": t_mv, "rows": rows}
   _common.write_results(args.out, f"step_cost_{args.model}", res,
@@ -135,12 +157,13 @@ def markdown(res) -> str:
            f" {res['gd_step_s']:.4f} s, linearised HVP {res['matvec_s']:.4f}"
            f" s; {env['device']}, {env['cpu_count']} cores, jax"
            f" {env['jax']}.", "",
-           "| dynamics | refresh | s/step | x GD | x floor |",
-           "|---|---|---|---|---|"]
+           "| dynamics | refresh | Tr(C) | s/step | x GD | x floor |",
+           "|---|---|---|---|---|---|"]
   for r in res["rows"]:
     floor = "-" if r["ratio_to_floor"] is None else (
         f"{r['ratio_to_floor']:.2f}")
     lines.append(f"| {r['dynamics']} | {r['refresh_every']} |"
+                 f" {r.get('trace_estimator', 'exact')} |"
                  f" {r['step_s']:.4f} | {r['ratio_to_gd']:.2f} | {floor} |")
   return "\n".join(lines)
 

@@ -14,6 +14,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..",
 import peers  # noqa: E402
 import scaling  # noqa: E402
 import step_cost  # noqa: E402
+import trace_estimators  # noqa: E402
 import warm_start  # noqa: E402
 
 
@@ -27,10 +28,12 @@ def test_step_cost_smoke(tmp_path, monkeypatch):
        "1", "--refresh", "2", "--dynamics", "GLD Hessian k=20",
        "--out", str(tmp_path))
   res = json.load(open(tmp_path / "step_cost_mlp.json"))
-  (row,) = res["rows"]
-  assert row["step_s"] > 0 and row["ratio_to_floor"] > 0
-  assert "| GLD Hessian k=20 | 2 |" in open(tmp_path /
-                                            "step_cost_mlp.md").read()
+  rows = res["rows"]
+  assert [r["trace_estimator"] for r in rows] == ["default", "exact"]
+  assert all(r["step_s"] > 0 and r["ratio_to_floor"] > 0 for r in rows)
+  md = open(tmp_path / "step_cost_mlp.md").read()
+  assert "| GLD Hessian k=20 | 2 | default |" in md
+  assert "| GLD Hessian k=20 | 2 | exact |" in md
   assert res["env"]["jax"]
 
 
@@ -48,6 +51,21 @@ def test_warm_start_smoke(tmp_path, monkeypatch):
   assert "| 2 |" in open(tmp_path / "warm_start_mlp.md").read()
 
 
+def test_trace_estimators_smoke(tmp_path, monkeypatch):
+  _run(trace_estimators, monkeypatch, "--steps", "0", "3", "--k", "2",
+       "--clean", "40", "--corrupt", "10", "--repeats", "1", "--out",
+       str(tmp_path))
+  res = json.load(open(tmp_path / "trace_estimators.json"))
+  assert [r["step"] for r in res["rows"]] == [0, 3]
+  for r in res["rows"]:
+    # Deflation by the top of C removes the largest part of the spread.
+    assert 0 <= r["C"]["rel_sd"] <= r["plain"]["rel_sd"]
+    assert 0 < r["C"]["in_span"] < 1 and 0 < r["H"]["in_span"] < 1
+  assert set(res["cost_in_gd_steps"]) == {
+      "exact", "forward probes", "backward probes",
+      "deflated by 2 (GLD Hessian's)"}
+
+
 def test_scaling_smoke(tmp_path, monkeypatch):
   _run(scaling, monkeypatch, "--widths", "2", "4", "--batches", "16", "32",
        "--fixed-n", "16", "--fixed-width", "2", "--repeats", "1",
@@ -62,6 +80,7 @@ def test_scaling_smoke(tmp_path, monkeypatch):
   assert img.std() > 0.01
 
 
+@pytest.mark.slow  # about 2 minutes: PyHessian and LeNet references
 def test_peers_smoke(tmp_path, monkeypatch):
   _run(peers, monkeypatch, "--n", "12", "--gd-steps", "2", "--iters", "60",
        "--configs", "60", "30:1e-1", "--plain-conv",
@@ -108,6 +127,7 @@ def test_memory_smoke(tmp_path, monkeypatch):
   np.testing.assert_allclose(whole["value"], chunked["value"], rtol=1e-5)
 
 
+@pytest.mark.slow  # about 1 minute: VGG11's compilations
 def test_scale_smoke(tmp_path, monkeypatch):
   """VGG11 (the real model) at n = 2: every code path of the GPU run."""
   import scale

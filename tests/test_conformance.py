@@ -44,8 +44,14 @@ PYTREES = {
 }
 
 
-@pytest.mark.parametrize("name", NAMES)
-@pytest.mark.parametrize("tree", sorted(PYTREES))
+# The low-rank noises share one implementation (and its pytree handling):
+# every parameter structure for one of them, the nested one for the others.
+_SHARED_LOW_RANK = ("leading_noise", "hessian_eigvec_noise")
+CASES = [(n, t) for n in NAMES for t in sorted(PYTREES)
+         if n not in _SHARED_LOW_RANK or t == "nested"]
+
+
+@pytest.mark.parametrize("name,tree", CASES)
 def test_jit_matches_eager_and_keeps_structure(name, tree):
   loss_fn, params, batch = PYTREES[tree]()
   tx = FACTORIES[name]()
@@ -102,7 +108,8 @@ def test_dtype_preserved(name, dtype):
       assert a.dtype == dtype
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", [n for n in NAMES
+                                  if n not in _SHARED_LOW_RANK])
 @pytest.mark.parametrize("opt", ["momentum", "adam"])  # sgd: test above
 def test_chains_in_front_of_optimizers(name, opt):
   loss_fn, params, batch = mlp_problem()

@@ -127,8 +127,20 @@ def test_bad_key():
 
 
 def test_trace_estimator_name():
-  with pytest.raises(ValueError, match="trace_estimator must be 'exact'"):
+  with pytest.raises(ValueError, match="trace_estimator must be one of"):
     anisonoise.leading_noise(2, trace_estimator="fast")
+  # Deflation needs eigenvectors: only the low-rank noises offer it.
+  with pytest.raises(ValueError,
+                     match="one of 'exact' .*'hutchinson' .*got 'deflated'"):
+    anisonoise.diagonal_noise(trace_estimator="deflated")
+  with pytest.raises(ValueError, match="num_probes"):
+    anisonoise.dynamic_isotropic_noise(num_probes=0)
+  with pytest.raises(ValueError, match="needs a PRNG key"):
+    anisonoise.covariance_diagonal(lambda w, b: b @ w, jnp.zeros(2),
+                                   jnp.ones((3, 2)), method="hutchinson")
+  with pytest.raises(ValueError, match="deflate= applies to"):
+    anisonoise.covariance_trace(lambda w, b: b @ w, jnp.zeros(2),
+                                jnp.ones((3, 2)), deflate=jnp.eye(2))
 
 
 def test_isotropic_needs_no_loss_nor_params():

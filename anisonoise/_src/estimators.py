@@ -53,11 +53,13 @@ def probe_chunk() -> int:
 
 def map_probes(fn: Callable[[jax.Array], Any], keys: jax.Array,
                data: Any) -> Any:
-  """``fn`` on every key: vectorised in :func:`probe_chunk` chunks for a
+  """``fn`` on every key (or every entry along axis 0 of a pytree):
+  vectorised in :func:`probe_chunk` chunks for a
   batch in memory, a Python loop for a stream (whose products run eagerly).
   """
   if isinstance(data, sums.Batches):
-    outs = [fn(k) for k in keys]
+    num = jax.tree.leaves(keys)[0].shape[0]
+    outs = [fn(jax.tree.map(lambda x: x[i], keys)) for i in range(num)]
     return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
   return batching.map_chunks(fn, keys, probe_chunk())
 

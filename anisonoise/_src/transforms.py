@@ -15,6 +15,15 @@ Magnitude (paper Eq. 14): every structured noise is scaled to a target trace
 the noise of SGD with minibatch size ``m``), or ``T = trace`` when a fixed
 trace is given, or ``m = n`` (the size of the batch passed) when neither is.
 
+Estimation: ``Tr(C)`` and ``diag(C)`` are estimated at each refresh
+without per-example gradients by default (``trace_estimator``): random
+probes, one forward- or backward-mode pass each, whose estimates are
+unbiased. The noise covariance is linear in them, so the noise drawn has,
+averaged over the probes, exactly the target covariance; each refresh's
+spread is documented per factory, and ``trace_estimator="exact"`` gives the
+per-example computation (the paper's, at about 100-170 gradient
+evaluations on an MLP of 50,000 parameters, ``benchmarks/README.md``).
+
 Caching: the covariance factor (trace, diagonal or eigenpairs) is
 re-estimated when ``count % refresh_every == 0`` and kept in the state in
 between; the Gaussian draw is fresh every step.
@@ -29,6 +38,7 @@ transform never hides a broken gradient.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Callable, NamedTuple
 
@@ -57,54 +67,88 @@ class IsotropicNoiseState(NamedTuple):
   rng_key: chex.PRNGKey
 
 
-class DynamicIsotropicNoiseState(NamedTuple):
-  """State of :func:`dynamic_isotropic_noise`.
+class TraceFactor(NamedTuple):
+  """The cached factor of :func:`dynamic_isotropic_noise`: the target
+  ``Tr(Sigma_t)`` in use."""
 
-  ``trace`` is the target ``Tr(Sigma_t)`` in use; ``num_rejected`` counts
-  refreshes discarded for non-finite values.
-  """
-
-  count: chex.Array
-  rng_key: chex.PRNGKey
   trace: chex.Array
-  num_rejected: chex.Array
 
 
-class DiagonalNoiseState(NamedTuple):
-  """State of :func:`diagonal_noise`.
-
-  ``diagonal`` is ``diag(C)`` (a pytree like params) at the last refresh; the
-  noise covariance is ``trace / sum(diagonal) * diag(diagonal)``.
+class DiagonalFactor(NamedTuple):
+  """The cached factor of :func:`diagonal_noise`: ``diag(C)`` (a pytree
+  like params, exact or estimated) at the last refresh and the target
+  trace; the noise covariance is ``trace / sum(diagonal) * diag(diagonal)``.
   """
 
-  count: chex.Array
-  rng_key: chex.PRNGKey
   trace: chex.Array
   diagonal: Params
-  num_rejected: chex.Array
 
 
-class LowRankNoiseState(NamedTuple):
-  """State of :func:`leading_noise`, :func:`hessian_noise` and
-  :func:`hessian_eigvec_noise`.
+class LowRankFactor(NamedTuple):
+  """The cached factor of the low-rank noises.
 
   ``eigenvalues`` (``(k,)``, descending) and ``eigenvectors`` (params-like
   leaves with a leading ``k`` axis) are the eigenpairs of ``C`` (leading) or
-  ``H`` (Hessian) at the last refresh; ``residual_norms`` their Lanczos
-  residuals. The noise covariance is
-  ``trace * sum_j c_j v_j v_j^T / sum_j c_j`` with ``c_j = max(lambda_j, 0)``
-  (and ``c = (1, 0, ...)`` for the 1st-eigenvector noise).
+  ``H`` (Hessian) at the last refresh; ``residual_norms`` their residuals.
+  The noise covariance is ``trace * sum_j c_j v_j v_j^T / sum_j c_j`` with
+  ``c_j = max(lambda_j, 0)`` (and ``c = (1, 0, ...)`` for the
+  1st-eigenvector noise).
   """
 
-  count: chex.Array
-  rng_key: chex.PRNGKey
   trace: chex.Array
   eigenvalues: chex.Array
   eigenvectors: Params
   residual_norms: chex.Array
+
+
+def _forward_fields(cls: type, factor_type: type) -> type:
+  """Makes the factor's fields readable on the state (``state.trace`` for
+  ``state.factor.trace``), as they were documented and logged."""
+  for name in factor_type._fields:
+    setattr(cls, name, property(
+        lambda self, name=name: getattr(self.factor, name),
+        doc=f"``factor.{name}``."))
+  return cls
+
+
+class DynamicIsotropicNoiseState(NamedTuple):
+  """State of :func:`dynamic_isotropic_noise`: ``count``, ``rng_key``,
+  ``num_rejected`` (refreshes discarded for non-finite values) and the
+  cached :class:`TraceFactor` (``state.trace`` reads ``factor.trace``)."""
+
+  count: chex.Array
+  rng_key: chex.PRNGKey
   num_rejected: chex.Array
+  factor: TraceFactor
 
 
+class DiagonalNoiseState(NamedTuple):
+  """State of :func:`diagonal_noise`: ``count``, ``rng_key``,
+  ``num_rejected`` and the cached :class:`DiagonalFactor` (``state.trace``
+  and ``state.diagonal`` read its fields)."""
+
+  count: chex.Array
+  rng_key: chex.PRNGKey
+  num_rejected: chex.Array
+  factor: DiagonalFactor
+
+
+class LowRankNoiseState(NamedTuple):
+  """State of :func:`leading_noise`, :func:`hessian_noise` and
+  :func:`hessian_eigvec_noise`: ``count``, ``rng_key``, ``num_rejected``
+  and the cached :class:`LowRankFactor` (``state.trace``,
+  ``state.eigenvalues``, ``state.eigenvectors`` and
+  ``state.residual_norms`` read its fields)."""
+
+  count: chex.Array
+  rng_key: chex.PRNGKey
+  num_rejected: chex.Array
+  factor: LowRankFactor
+
+
+_forward_fields(DynamicIsotropicNoiseState, TraceFactor)
+_forward_fields(DiagonalNoiseState, DiagonalFactor)
+_forward_fields(LowRankNoiseState, LowRankFactor)
 LeadingNoiseState = LowRankNoiseState
 HessianNoiseState = LowRankNoiseState
 HessianEigvecNoiseState = LowRankNoiseState
@@ -193,66 +237,143 @@ def _all_finite(tree: Any) -> jax.Array:
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
-def _target_trace(trace_c, n, batch_size, trace):
-  """``T = Tr(C)/m`` (m = batch_size or n) or the fixed ``trace``."""
-  if trace is not None:
-    return jnp.asarray(trace, dtype=jnp.result_type(trace_c))
-  m = n if batch_size is None else batch_size
-  return trace_c / m
+@dataclasses.dataclass(frozen=True)
+class _Magnitude:
+  """The target trace ``T`` (paper Eq. 14): ``Tr(C) / m`` with
+  ``m = batch_size`` (default ``n``, the batch passed), or a fixed
+  ``trace``."""
+
+  batch_size: int | None
+  trace: Any
+
+  def __post_init__(self):
+    _check_magnitude(self.batch_size, self.trace)
+
+  @property
+  def fixed(self) -> bool:
+    return self.trace is not None
+
+  def target(self, trace_c: jax.Array, n: int) -> jax.Array:
+    if self.trace is not None:
+      return jnp.asarray(self.trace, dtype=jnp.result_type(trace_c))
+    return trace_c / (n if self.batch_size is None else self.batch_size)
 
 
-def _estimate_trace_c(loss_fn, params, batch, key, opts):
-  return covariance.covariance_trace(
-      loss_fn,
-      params,
-      batch,
-      method=opts["trace_estimator"],
-      chunk_size=opts["chunk_size"],
-      key=key,
-      num_probes=opts["num_probes"],
-  )
+_TRACE_ESTIMATORS = {
+    "exact": "per-example gradients",
+    "hutchinson": "random probes, no per-example gradients",
+    "deflated": ("the refresh's eigenvectors' part exactly, probes for the"
+                 " rest"),
+}
 
 
-def _check_trace_estimator(trace_estimator: str, num_probes: int) -> None:
-  if trace_estimator not in ("exact", "hutchinson"):
-    raise ValueError(
-        "trace_estimator must be 'exact' (per-example gradients) or"
-        f" 'hutchinson' (forward-mode probes), got {trace_estimator!r}."
-    )
-  batching.check_positive_int("num_probes", num_probes)
+@dataclasses.dataclass(frozen=True)
+class _TraceEstimation:
+  """How ``Tr(C)`` (or ``diag(C)``) is obtained at a refresh: one of
+  :data:`_TRACE_ESTIMATORS` with its probes and chunking."""
+
+  method: str
+  num_probes: int
+  chunk_size: int | None
+  allowed: tuple[str, ...] = ("exact", "hutchinson")
+
+  def __post_init__(self):
+    if self.method not in self.allowed:
+      choices = ", ".join(f"{m!r} ({_TRACE_ESTIMATORS[m]})"
+                          for m in self.allowed)
+      raise ValueError(f"trace_estimator must be one of {choices}; got"
+                       f" {self.method!r}.")
+    batching.check_positive_int("num_probes", self.num_probes)
+    batching.check_chunk_size(self.chunk_size)
+
+  def trace(self, loss_fn, params, batch, key, basis=None, in_span=None):
+    """``Tr(C)``; ``"deflated"`` projects the probes off ``basis`` and adds
+    ``in_span`` (``sum_j q_j^T C q_j`` when the caller knows it, e.g. Ritz
+    values of ``C``) or computes that part (``k`` forward products)."""
+    if self.method == "deflated":
+      if in_span is None:
+        return covariance.covariance_trace(
+            loss_fn, params, batch, method="hutchinson", key=key,
+            num_probes=self.num_probes, chunk_size=self.chunk_size,
+            deflate=basis)
+      form = covariance.quadratic_form(loss_fn, params, batch,
+                                       chunk_size=self.chunk_size)
+      return in_span + covariance.complement_trace(
+          form, basis, params, key, self.num_probes, batch)
+    return covariance.covariance_trace(
+        loss_fn, params, batch, method=self.method, key=key,
+        num_probes=self.num_probes, chunk_size=self.chunk_size)
+
+  def diagonal(self, loss_fn, params, batch, key):
+    """``diag(C)``, exact or from backward-mode probes."""
+    return covariance.covariance_diagonal(
+        loss_fn, params, batch, method=self.method, key=key,
+        num_probes=self.num_probes, chunk_size=self.chunk_size)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Solver:
+  """The eigen-solve of a low-rank refresh (``top_eigenpairs`` settings)."""
+
+  k: int
+  num_iters: int | None
+  tol: float | None
+  max_matvecs: int | None
+
+  def __post_init__(self):
+    batching.check_positive_int("k", self.k)
+    if self.num_iters is not None:
+      batching.check_positive_int("num_iters", self.num_iters)
+      if self.num_iters < self.k:
+        raise ValueError(f"num_iters={self.num_iters} must be >= k={self.k}.")
+    curvature.check_tol(self.tol)
+    if self.max_matvecs is not None:
+      batching.check_positive_int("max_matvecs", self.max_matvecs)
+
+  def solve(self, operator, params, batch, chunk_size, key, old):
+    """Top-k eigenpairs; warm-started from the cached eigenvectors (subspace
+    recycling) once there are any, a cold Lanczos solve at the first
+    refresh."""
+    d = batching.num_params(params)
+    iters = (curvature.default_num_iters(self.k, d) if self.num_iters is None
+             else min(self.num_iters, d))
+    solve = functools.partial(
+        curvature.top_eigenpairs, operator, params, self.k, key=key,
+        num_iters=iters, tol=self.tol, max_matvecs=self.max_matvecs,
+        unroll=curvature.lanczos_unroll(batch, chunk_size, iters))
+    if iters == self.k:
+      return solve()
+    return jax.lax.cond(
+        jnp.any(old.residual_norms != 0) | jnp.any(old.eigenvalues != 0),
+        lambda: solve(init_subspace=old.eigenvectors), solve)
 
 
 def _refreshing_transform(
     who: str,
-    factor_type: type,
     init_factor: Callable[[Params], NamedTuple],
     estimate: Callable[..., NamedTuple],
     draw: Callable[[NamedTuple, jax.Array, Params], Params],
-    make_state: Callable[..., NamedTuple],
+    state_type: type,
     refresh_every: int,
     key: KeyLike,
     needs_loss: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
-  """Builds a transform whose covariance factor is cached and refreshed.
+  """The one home of the cached-and-refreshed noises.
 
-  ``init_factor(params)`` gives a zero ``factor_type`` of the right shapes,
+  ``init_factor(params)`` gives a zero factor of the right shapes,
   ``estimate(params, loss_fn, batch, key, old)`` a fresh one (``old``, the
-  cached factor, can warm-start it) and
-  ``draw(factor, key, params)`` a noise sample. The factor is a NamedTuple
-  whose fields, together with ``count``, ``rng_key`` and ``num_rejected``,
-  are passed to ``make_state``.
+  cached factor, can warm-start it) and ``draw(factor, key, params)`` a
+  noise sample. The state is ``state_type(count, rng_key, num_rejected,
+  factor)``.
   """
+  batching.check_positive_int("refresh_every", refresh_every)
   key = _canonical_key(key)
 
   def init_fn(params):
     batching.check_params(params, who)
-    factor = init_factor(params)
-    return make_state(
-        count=jnp.zeros([], jnp.int32),
-        rng_key=key,
-        num_rejected=jnp.zeros([], jnp.int32),
-        **factor._asdict(),
-    )
+    return state_type(count=jnp.zeros([], jnp.int32), rng_key=key,
+                      num_rejected=jnp.zeros([], jnp.int32),
+                      factor=init_factor(params))
 
   def update_fn(updates, state, params=None, *, loss_fn=None, batch=None,
                 **extra_args):
@@ -261,7 +382,7 @@ def _refreshing_transform(
     if needs_loss:
       batching.check_loss_and_batch(loss_fn, params, batch, who)
     new_key, refresh_key, noise_key = jax.random.split(state.rng_key, 3)
-    old = factor_type(**{f: getattr(state, f) for f in factor_type._fields})
+    old = state.factor
 
     def refresh(_):
       return estimate(params, loss_fn, batch, refresh_key, old)
@@ -275,16 +396,20 @@ def _refreshing_transform(
     ok = _all_finite(new)
     factor = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
     eps = draw(factor, noise_key, params)
-    new_state = make_state(
+    new_state = state_type(
         count=optax.safe_increment(state.count),
         rng_key=new_key,
         num_rejected=state.num_rejected
         + jnp.logical_and(is_refresh, ~ok).astype(jnp.int32),
-        **factor._asdict(),
+        factor=factor,
     )
     return _add(updates, eps), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _dtype(params: Params) -> Any:
+  return jnp.result_type(*jax.tree.leaves(params))
 
 
 def _normal_like(key: jax.Array, params: Params) -> Params:
@@ -356,18 +481,14 @@ def isotropic_noise(
 # --------------------------------------------------------------------------
 
 
-class _TraceFactor(NamedTuple):
-  trace: jax.Array
-
-
 def dynamic_isotropic_noise(
     *,
     batch_size: int | None = None,
     trace: chex.Numeric | None = None,
     refresh_every: int = 1,
     key: KeyLike = 0,
-    trace_estimator: str = "exact",
-    num_probes: int = 32,
+    trace_estimator: str = "hutchinson",
+    num_probes: int = 8,
     chunk_size: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """GLD dynamic: isotropic noise with the trace of SGD's noise.
@@ -376,7 +497,14 @@ def dynamic_isotropic_noise(
     \\epsilon_t \\sim N\\big(0, \\tfrac{T_t}{D} I\\big), \\quad
     T_t = \\mathrm{Tr}(\\Sigma^{sgd}_t) = \\mathrm{Tr}(C_t)/m
 
-  (Table 1, magnitude matched by Eq. 14.)
+  (Table 1, magnitude matched by Eq. 14.) ``Tr(C_t)`` is estimated by
+  default with ``num_probes`` forward-mode Rademacher probes (about 0.6 of
+  a gradient evaluation each): unbiased, relative standard deviation about
+  ``sqrt(2 / (r num_probes))`` for a covariance of effective rank
+  ``r = Tr(C)^2 / ||C||_F^2`` (see :func:`anisonoise.covariance_trace`;
+  0.09-0.14 with 8 probes on an MLP from initialisation to a global
+  minimum). The noise covariance is linear in the estimate, so averaged
+  over the probes it is exactly ``T_t / D I``.
 
   Args:
     batch_size: SGD minibatch size ``m`` whose noise trace is matched;
@@ -385,8 +513,9 @@ def dynamic_isotropic_noise(
       needed). Not together with ``batch_size``.
     refresh_every: re-estimate ``Tr(C)`` every this many steps.
     key: int seed or PRNG key.
-    trace_estimator: ``"exact"`` (per-example gradients) or ``"hutchinson"``
-      (``num_probes`` forward-mode probes).
+    trace_estimator: ``"hutchinson"`` (forward-mode probes) or ``"exact"``
+      (per-example gradients, about 100 gradient evaluations on an MLP of
+      50,000 parameters).
     num_probes: Hutchinson probes.
     chunk_size: examples per chunk, for every pass over the batch.
 
@@ -400,8 +529,8 @@ def dynamic_isotropic_noise(
     >>> loss_fn = lambda p, b: 0.5 * (b['x'] @ p['w'] - b['y']) ** 2
     >>> batch = {'x': jnp.eye(4), 'y': jnp.arange(4.)}
     >>> params = {'w': jnp.zeros(4)}
-    >>> tx = optax.chain(anisonoise.dynamic_isotropic_noise(batch_size=2),
-    ...                  optax.sgd(0.1))
+    >>> tx = optax.chain(anisonoise.dynamic_isotropic_noise(
+    ...     batch_size=2, trace_estimator='exact'), optax.sgd(0.1))
     >>> state = tx.init(params)
     >>> u, state = tx.update(params, state, params, loss_fn=loss_fn,
     ...                      batch=batch)
@@ -411,34 +540,29 @@ def dynamic_isotropic_noise(
   References:
     Zhu et al., ICML 2019, Table 1 and Eq. 14.
   """
-  _check_magnitude(batch_size, trace)
-  batching.check_positive_int("refresh_every", refresh_every)
-  _check_trace_estimator(trace_estimator, num_probes)
-  opts = dict(trace_estimator=trace_estimator, num_probes=num_probes,
-              chunk_size=chunk_size)
-  who = "dynamic_isotropic_noise"
+  magnitude = _Magnitude(batch_size, trace)
+  estimation = _TraceEstimation(trace_estimator, num_probes, chunk_size)
 
   def init_factor(params):
-    dtype = jnp.result_type(*jax.tree.leaves(params))
-    return _TraceFactor(jnp.zeros([], dtype))
+    return TraceFactor(jnp.zeros([], _dtype(params)))
 
   def estimate(params, loss_fn, batch, key, old):
     del old
-    dtype = jnp.result_type(*jax.tree.leaves(params))
-    if trace is not None:
-      return _TraceFactor(jnp.asarray(trace, dtype))
-    n = batching.num_examples(batch)
-    tr_c = _estimate_trace_c(loss_fn, params, batch, key, opts)
-    return _TraceFactor(_target_trace(tr_c, n, batch_size, None).astype(dtype))
+    dtype = _dtype(params)
+    if magnitude.fixed:
+      return TraceFactor(jnp.asarray(trace, dtype))
+    tr_c = estimation.trace(loss_fn, params, batch, key)
+    return TraceFactor(magnitude.target(tr_c, batching.num_examples(batch))
+                       .astype(dtype))
 
   def draw(factor, key, params):
     std = jnp.sqrt(factor.trace / batching.num_params(params))
     return jax.tree.map(lambda z: std * z, _normal_like(key, params))
 
   return _refreshing_transform(
-      who, _TraceFactor, init_factor, estimate, draw,
-      DynamicIsotropicNoiseState,
-      refresh_every, key, needs_loss=trace is None,
+      "dynamic_isotropic_noise", init_factor, estimate, draw,
+      DynamicIsotropicNoiseState, refresh_every, key,
+      needs_loss=not magnitude.fixed,
   )
 
 
@@ -447,17 +571,14 @@ def dynamic_isotropic_noise(
 # --------------------------------------------------------------------------
 
 
-class _DiagFactor(NamedTuple):
-  trace: jax.Array
-  diagonal: Params
-
-
 def diagonal_noise(
     *,
     batch_size: int | None = None,
     trace: chex.Numeric | None = None,
     refresh_every: int = 1,
     key: KeyLike = 0,
+    trace_estimator: str = "hutchinson",
+    num_probes: int = 8,
     chunk_size: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """GLD diagonal: noise with the diagonal of SGD's covariance.
@@ -466,15 +587,24 @@ def diagonal_noise(
     \\epsilon_t \\sim N\\big(0, \\sigma_t\\, \\mathrm{diag}(C_t)\\big), \\quad
     \\sigma_t = T_t / \\mathrm{Tr}(C_t)
 
-  With ``batch_size=m`` this is exactly ``diag(Sigma_sgd) = diag(C)/m``
-  (Table 1); with ``trace=T`` the diagonal is rescaled to trace ``T``.
-  ``diag(C)`` is exact, from per-example gradients computed in chunks.
+  With ``batch_size=m`` this is ``diag(Sigma_sgd) = diag(C)/m`` (Table 1);
+  with ``trace=T`` the diagonal is rescaled to trace ``T``. By default
+  ``diag(C)`` is estimated from ``num_probes`` backward passes with
+  Rademacher weights on the examples (:func:`anisonoise.covariance_diagonal`,
+  ``method="hutchinson"``): unbiased, each entry's relative standard
+  deviation at most ``sqrt(2 / num_probes)``. With ``batch_size`` the noise
+  covariance is linear in the estimate, so averaged over the probes it is
+  exactly ``diag(C)/m``; ``trace_estimator="exact"`` forms the per-example
+  gradients in chunks instead.
 
   Args:
     batch_size: SGD minibatch size ``m`` (default ``n``).
     trace: fixed target trace instead of ``batch_size``.
     refresh_every: re-estimate ``diag(C)`` every this many steps.
     key: int seed or PRNG key.
+    trace_estimator: how ``diag(C)`` (and so its trace) is obtained:
+      ``"hutchinson"`` (backward-mode probes) or ``"exact"``.
+    num_probes: Hutchinson probes.
     chunk_size: examples per chunk, for every pass over the batch.
 
   Returns:
@@ -495,24 +625,19 @@ def diagonal_noise(
   References:
     Zhu et al., ICML 2019, Table 1.
   """
-  _check_magnitude(batch_size, trace)
-  batching.check_positive_int("refresh_every", refresh_every)
-  batching.check_chunk_size(chunk_size)
+  magnitude = _Magnitude(batch_size, trace)
+  estimation = _TraceEstimation(trace_estimator, num_probes, chunk_size)
 
   def init_factor(params):
-    dtype = jnp.result_type(*jax.tree.leaves(params))
-    return _DiagFactor(jnp.zeros([], dtype), jax.tree.map(jnp.zeros_like,
-                                                          params))
+    return DiagonalFactor(jnp.zeros([], _dtype(params)),
+                          jax.tree.map(jnp.zeros_like, params))
 
   def estimate(params, loss_fn, batch, key, old):
-    del key, old
-    n = batching.num_examples(batch)
-    diag = covariance.covariance_diagonal(
-        loss_fn, params, batch, chunk_size=chunk_size
-    )
+    del old
+    diag = estimation.diagonal(loss_fn, params, batch, key)
     tr_c = optax.tree_utils.tree_sum(diag)
-    target = _target_trace(tr_c, n, batch_size, trace)
-    return _DiagFactor(target.astype(jnp.result_type(tr_c)), diag)
+    target = magnitude.target(tr_c, batching.num_examples(batch))
+    return DiagonalFactor(target.astype(jnp.result_type(tr_c)), diag)
 
   def draw(factor, key, params):
     scale = _scale_to(factor.trace, optax.tree_utils.tree_sum(factor.diagonal))
@@ -523,8 +648,7 @@ def diagonal_noise(
     )
 
   return _refreshing_transform(
-      "diagonal_noise", _DiagFactor, init_factor, estimate, draw,
-      DiagonalNoiseState,
+      "diagonal_noise", init_factor, estimate, draw, DiagonalNoiseState,
       refresh_every, key,
   )
 
@@ -534,37 +658,21 @@ def diagonal_noise(
 # --------------------------------------------------------------------------
 
 
-class _LowRankFactor(NamedTuple):
-  trace: jax.Array
-  eigenvalues: jax.Array
-  eigenvectors: Params
-  residual_norms: jax.Array
-
-
 def _low_rank_transform(
-    who: str,
-    k: int,
-    operator: Callable,
-    weights: Callable[[jax.Array], jax.Array],
-    batch_size, trace, refresh_every, key, opts, num_iters,
+    who: str, operator: Callable, weights: Callable[[jax.Array], jax.Array],
+    solver: _Solver, magnitude: _Magnitude, estimation: _TraceEstimation,
+    refresh_every: int, key: KeyLike, of_covariance: bool,
 ) -> optax.GradientTransformationExtraArgs:
-  """Noise ``trace * sum_j w_j v_j v_j^T / sum_j w_j`` from top-k eigenpairs."""
-  batching.check_positive_int("k", k)
-  _check_magnitude(batch_size, trace)
-  batching.check_positive_int("refresh_every", refresh_every)
-  _check_trace_estimator(opts["trace_estimator"], opts["num_probes"])
-  if num_iters is not None:
-    batching.check_positive_int("num_iters", num_iters)
-    if num_iters < k:
-      raise ValueError(f"num_iters={num_iters} must be >= k={k}.")
-  curvature.check_tol(opts["tol"])
-  if opts["max_matvecs"] is not None:
-    batching.check_positive_int("max_matvecs", opts["max_matvecs"])
+  """The one home of the low-rank noises: ``trace * sum_j w_j v_j v_j^T /
+  sum_j w_j`` from the top-k eigenpairs of ``operator`` (``C`` when
+  ``of_covariance``, whose eigenvalues are then the in-span part of a
+  deflated trace, or ``H``)."""
+  k = solver.k
 
   def init_factor(params):
     _check_k(k, params, who)
-    dtype = jnp.result_type(*jax.tree.leaves(params))
-    return _LowRankFactor(
+    dtype = _dtype(params)
+    return LowRankFactor(
         jnp.zeros([], dtype),
         jnp.zeros([k], dtype),
         jax.tree.map(lambda p: jnp.zeros((k, *jnp.shape(p)), p.dtype), params),
@@ -574,33 +682,20 @@ def _low_rank_transform(
   def estimate(params, loss_fn, batch, key, old):
     _check_k(k, params, who)
     eig_key, trace_key = jax.random.split(key)
-    d = batching.num_params(params)
-    iters = (curvature.default_num_iters(k, d) if num_iters is None
-             else min(num_iters, d))
-    solve = functools.partial(
-        curvature.top_eigenpairs,
-        operator(loss_fn, params, batch, chunk_size=opts["chunk_size"]),
-        params, k, key=eig_key, num_iters=iters, tol=opts["tol"],
-        max_matvecs=opts["max_matvecs"],
-        unroll=curvature.lanczos_unroll(batch, opts["chunk_size"], iters))
-    if iters > k:
-      # Warm start from the cached eigenvectors (subspace recycling) once
-      # there are any; the first refresh is a cold Lanczos solve.
-      res = jax.lax.cond(
-          jnp.any(old.residual_norms != 0) | jnp.any(old.eigenvalues != 0),
-          lambda: solve(init_subspace=old.eigenvectors), solve)
-    else:
-      res = solve()
-    n = batching.num_examples(batch)
-    if trace is None:
-      tr_c = _estimate_trace_c(loss_fn, params, batch, trace_key, opts)
-    else:
+    res = solver.solve(
+        operator(loss_fn, params, batch, chunk_size=estimation.chunk_size),
+        params, batch, estimation.chunk_size, eig_key, old)
+    if magnitude.fixed:
       tr_c = jnp.zeros([], res.eigenvalues.dtype)
-    target = _target_trace(tr_c, n, batch_size, trace)
-    return _LowRankFactor(
-        target.astype(res.eigenvalues.dtype), res.eigenvalues,
-        res.eigenvectors, res.residual_norms,
-    )
+    else:
+      # The Ritz values of C are its quadratic form on the Ritz vectors.
+      in_span = jnp.sum(res.eigenvalues) if of_covariance else None
+      tr_c = estimation.trace(loss_fn, params, batch, trace_key,
+                              basis=res.eigenvectors, in_span=in_span)
+    target = magnitude.target(tr_c, batching.num_examples(batch))
+    return LowRankFactor(target.astype(res.eigenvalues.dtype),
+                         res.eigenvalues, res.eigenvectors,
+                         res.residual_norms)
 
   def draw(factor, key, params):
     del params
@@ -614,9 +709,20 @@ def _low_rank_transform(
     )
 
   return _refreshing_transform(
-      who, _LowRankFactor, init_factor, estimate, draw, LowRankNoiseState,
-      refresh_every, key,
-  )
+      who, init_factor, estimate, draw, LowRankNoiseState, refresh_every, key)
+
+
+def _low_rank(who: str, k: int, operator: Callable, weights: Callable,
+              of_covariance: bool, batch_size, trace, refresh_every, key,
+              num_iters, tol, max_matvecs, trace_estimator, num_probes,
+              chunk_size) -> optax.GradientTransformationExtraArgs:
+  """The public low-rank factories' arguments, checked and typed."""
+  return _low_rank_transform(
+      who, operator, weights, _Solver(k, num_iters, tol, max_matvecs),
+      _Magnitude(batch_size, trace),
+      _TraceEstimation(trace_estimator, num_probes, chunk_size,
+                       allowed=("deflated", "hutchinson", "exact")),
+      refresh_every, key, of_covariance)
 
 
 def _clip(eigenvalues):
@@ -658,7 +764,17 @@ _LOW_RANK_ARGS_DOC = """
       ``residual_norms`` in the state).
     max_matvecs: budget of products per refresh with ``tol`` (default
       ``10 num_iters``).
-    trace_estimator: ``"exact"`` (per-example gradients) or ``"hutchinson"``.
+    trace_estimator: how ``Tr(C)`` is estimated at a refresh:
+      ``"deflated"`` (default): the part in the span of the refresh's
+      eigenvectors exactly (free for ``C``'s own eigenpairs, their Ritz
+      values; ``k`` forward-mode products for the Hessian's) plus
+      ``num_probes`` Rademacher probes projected off them (Hutch++'s
+      variance reduction, :func:`anisonoise.covariance_trace` with
+      ``deflate``): one probe's relative standard deviation was 0.03-0.07
+      with the top 20 Hessian eigenvectors on an MLP from initialisation to
+      a global minimum, against 0.25-0.40 for ``"hutchinson"`` (plain
+      probes); ``"exact"``: per-example gradients. Every one is unbiased and
+      the noise covariance is linear in it.
     num_probes: Hutchinson probes.
     chunk_size: examples per chunk, for every pass over the batch (the
       trace and every product of the eigen-solve); ``None``: all at once.
@@ -681,8 +797,8 @@ def leading_noise(
     num_iters: int | None = None,
     tol: float | None = None,
     max_matvecs: int | None = None,
-    trace_estimator: str = "exact",
-    num_probes: int = 32,
+    trace_estimator: str = "deflated",
+    num_probes: int = 8,
     chunk_size: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """GLD leading: the top-k eigenpairs of SGD's covariance, rescaled.
@@ -713,12 +829,10 @@ def leading_noise(
   References:
     Zhu et al., ICML 2019, Table 1.
   """
-  opts = dict(trace_estimator=trace_estimator, num_probes=num_probes,
-              chunk_size=chunk_size, tol=tol, max_matvecs=max_matvecs)
-  return _low_rank_transform(
-      "leading_noise", k, _covariance_op, _clip, batch_size, trace,
-      refresh_every, key, opts, num_iters,
-  )
+  return _low_rank("leading_noise", k, _covariance_op, _clip, True,
+                   batch_size, trace, refresh_every, key, num_iters, tol,
+                   max_matvecs,
+                   trace_estimator, num_probes, chunk_size)
 
 
 def hessian_noise(
@@ -731,8 +845,8 @@ def hessian_noise(
     num_iters: int | None = None,
     tol: float | None = None,
     max_matvecs: int | None = None,
-    trace_estimator: str = "exact",
-    num_probes: int = 32,
+    trace_estimator: str = "deflated",
+    num_probes: int = 8,
     chunk_size: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """GLD Hessian: the top-k eigenpairs of the Hessian, rescaled.
@@ -766,12 +880,10 @@ def hessian_noise(
     Zhu et al., ICML 2019, Table 1 and Section 5.3 (k = 20, refreshed every
     10 steps).
   """
-  opts = dict(trace_estimator=trace_estimator, num_probes=num_probes,
-              chunk_size=chunk_size, tol=tol, max_matvecs=max_matvecs)
-  return _low_rank_transform(
-      "hessian_noise", k, _hessian_op, _clip, batch_size, trace,
-      refresh_every, key, opts, num_iters,
-  )
+  return _low_rank("hessian_noise", k, _hessian_op, _clip, False,
+                   batch_size, trace, refresh_every, key, num_iters, tol,
+                   max_matvecs,
+                   trace_estimator, num_probes, chunk_size)
 
 
 def hessian_eigvec_noise(
@@ -783,8 +895,8 @@ def hessian_eigvec_noise(
     num_iters: int | None = None,
     tol: float | None = None,
     max_matvecs: int | None = None,
-    trace_estimator: str = "exact",
-    num_probes: int = 32,
+    trace_estimator: str = "deflated",
+    num_probes: int = 8,
     chunk_size: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """GLD 1st eigvec(H): all the noise along the top Hessian eigenvector.
@@ -811,12 +923,10 @@ def hessian_eigvec_noise(
   References:
     Zhu et al., ICML 2019, Table 1 and Section 3.2.
   """
-  opts = dict(trace_estimator=trace_estimator, num_probes=num_probes,
-              chunk_size=chunk_size, tol=tol, max_matvecs=max_matvecs)
-  return _low_rank_transform(
-      "hessian_eigvec_noise", 1, _hessian_op, _first_only, batch_size, trace,
-      refresh_every, key, opts, num_iters,
-  )
+  return _low_rank("hessian_eigvec_noise", 1, _hessian_op, _first_only, False,
+                   batch_size, trace, refresh_every, key, num_iters, tol,
+                   max_matvecs,
+                   trace_estimator, num_probes, chunk_size)
 
 
 # --------------------------------------------------------------------------

@@ -71,11 +71,14 @@ def make_tx(name: str, cfg: configs.Config, seed: int):
   solver = {} if cfg.lanczos_iters is None else {
       "num_iters": (min(cfg.lanczos_iters, 11) if name == "GLD 1st eigvec(H)"
                     else cfg.lanczos_iters)}
+  # The paper's magnitude: the exact Tr(C) and diag(C) from per-example
+  # gradients at every refresh, as the authors' scripts compute them (the
+  # library's default estimates them from random probes).
   noise = anisonoise.dynamics_noise(
       name, std=cfg.const_std, k=cfg.k, batch_size=cfg.batch_size,
       refresh_every=cfg.refresh_every(name),
       key=seed * 1000 + anisonoise.DYNAMICS.index(name),
-      chunk_size=cfg.chunk_size, **solver)
+      chunk_size=cfg.chunk_size, trace_estimator="exact", **solver)
   sgd = optax.sgd(cfg.lr)
   return sgd if noise is None else optax.chain(noise, sgd)
 
