@@ -21,8 +21,11 @@ probes, one forward- or backward-mode pass each, whose estimates are
 unbiased. The noise covariance is linear in them, so the noise drawn has,
 averaged over the probes, exactly the target covariance; each refresh's
 spread is documented per factory, and ``trace_estimator="exact"`` gives the
-per-example computation (the paper's, at about 100-170 gradient
-evaluations on an MLP of 50,000 parameters, ``benchmarks/README.md``).
+per-example computation (the paper's). Which is cheaper depends on the
+model and the backend: on this project's 2-core CPU the exact pass cost
+90-140 gradient evaluations on an MLP 784-64-10 (8 probes: about 4) but
+about 1.2 on the paper's LeNet (8 probes: about 3.5), whose per-example
+gradients are small (``benchmarks/README.md``).
 
 Caching: the covariance factor (trace, diagonal or eigenpairs) is
 re-estimated when ``count % refresh_every == 0`` and kept in the state in
@@ -514,7 +517,7 @@ def dynamic_isotropic_noise(
     refresh_every: re-estimate ``Tr(C)`` every this many steps.
     key: int seed or PRNG key.
     trace_estimator: ``"hutchinson"`` (forward-mode probes) or ``"exact"``
-      (per-example gradients, about 100 gradient evaluations on an MLP of
+      (per-example gradients, 90-140 gradient evaluations on an MLP of
       50,000 parameters).
     num_probes: Hutchinson probes.
     chunk_size: examples per chunk, for every pass over the batch.
@@ -764,17 +767,19 @@ _LOW_RANK_ARGS_DOC = """
       ``residual_norms`` in the state).
     max_matvecs: budget of products per refresh with ``tol`` (default
       ``10 num_iters``).
-    trace_estimator: how ``Tr(C)`` is estimated at a refresh:
-      ``"deflated"`` (default): the part in the span of the refresh's
-      eigenvectors exactly (free for ``C``'s own eigenpairs, their Ritz
-      values; ``k`` forward-mode products for the Hessian's) plus
+    trace_estimator: how ``Tr(C)`` is estimated at a refresh (every one
+      is unbiased, and the noise covariance is linear in it):
+      ``"deflated"`` (GLD leading's default): the part in the span of the
+      refresh's eigenvectors exactly (free for ``C``'s own eigenpairs, their
+      Ritz values; ``k`` more forward-mode products for the Hessian's) plus
       ``num_probes`` Rademacher probes projected off them (Hutch++'s
       variance reduction, :func:`anisonoise.covariance_trace` with
-      ``deflate``): one probe's relative standard deviation was 0.03-0.07
-      with the top 20 Hessian eigenvectors on an MLP from initialisation to
-      a global minimum, against 0.25-0.40 for ``"hutchinson"`` (plain
-      probes); ``"exact"``: per-example gradients. Every one is unbiased and
-      the noise covariance is linear in it.
+      ``deflate``); ``"hutchinson"`` (the Hessian noises' default):
+      ``num_probes`` plain forward-mode probes; ``"exact"``: per-example
+      gradients. On an MLP 784-64-10 from initialisation to a global
+      minimum one probe's relative standard deviation was 0.03-0.04
+      deflated by C's top 20, 0.04-0.07 by H's, 0.26-0.40 plain
+      (``benchmarks/README.md``).
     num_probes: Hutchinson probes.
     chunk_size: examples per chunk, for every pass over the batch (the
       trace and every product of the eigen-solve); ``None``: all at once.
@@ -845,7 +850,7 @@ def hessian_noise(
     num_iters: int | None = None,
     tol: float | None = None,
     max_matvecs: int | None = None,
-    trace_estimator: str = "deflated",
+    trace_estimator: str = "hutchinson",
     num_probes: int = 8,
     chunk_size: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -895,7 +900,7 @@ def hessian_eigvec_noise(
     num_iters: int | None = None,
     tol: float | None = None,
     max_matvecs: int | None = None,
-    trace_estimator: str = "deflated",
+    trace_estimator: str = "hutchinson",
     num_probes: int = 8,
     chunk_size: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
