@@ -1,0 +1,448 @@
+"""The machinery of the refreshed noises, shared by every factory of
+``transforms.py``.
+
+One home for each part: the states and their cached factors (a state is
+``count``, ``rng_key``, ``num_rejected`` and a nested factor, as optax's
+Sophia nests its estimator's state); the target magnitude (paper Eq. 14);
+how ``Tr(C)`` and ``diag(C)`` are estimated at a refresh; the low-rank
+eigen-solve with its warm start; the cached-and-refreshed transform
+itself, and the low-rank family built on it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, NamedTuple
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+
+from anisonoise._src import batching
+from anisonoise._src import covariance
+from anisonoise._src import curvature
+
+Params = Any
+KeyLike = int | jax.Array
+
+
+# --------------------------------------------------------------------------
+# States
+# --------------------------------------------------------------------------
+
+
+class IsotropicNoiseState(NamedTuple):
+  """State of :func:`isotropic_noise`."""
+
+  count: chex.Array  # int32, number of updates so far
+  rng_key: chex.PRNGKey
+
+
+class TraceFactor(NamedTuple):
+  """The cached factor of :func:`dynamic_isotropic_noise`: the target
+  ``Tr(Sigma_t)`` in use."""
+
+  trace: chex.Array
+
+
+class DiagonalFactor(NamedTuple):
+  """The cached factor of :func:`diagonal_noise`: ``diag(C)`` (a pytree
+  like params, exact or estimated) at the last refresh and the target
+  trace; the noise covariance is ``trace / sum(diagonal) * diag(diagonal)``.
+  """
+
+  trace: chex.Array
+  diagonal: Params
+
+
+class LowRankFactor(NamedTuple):
+  """The cached factor of the low-rank noises.
+
+  ``eigenvalues`` (``(k,)``, descending) and ``eigenvectors`` (params-like
+  leaves with a leading ``k`` axis) are the eigenpairs of ``C`` (leading) or
+  ``H`` (Hessian) at the last refresh; ``residual_norms`` their residuals.
+  The noise covariance is ``trace * sum_j c_j v_j v_j^T / sum_j c_j`` with
+  ``c_j = max(lambda_j, 0)`` (and ``c = (1, 0, ...)`` for the
+  1st-eigenvector noise).
+  """
+
+  trace: chex.Array
+  eigenvalues: chex.Array
+  eigenvectors: Params
+  residual_norms: chex.Array
+
+
+def _forward_fields(cls: type, factor_type: type) -> type:
+  """Makes the factor's fields readable on the state (``state.trace`` for
+  ``state.factor.trace``), as they were documented and logged."""
+  for name in factor_type._fields:
+    setattr(cls, name, property(
+        lambda self, name=name: getattr(self.factor, name),
+        doc=f"``factor.{name}``."))
+  return cls
+
+
+class DynamicIsotropicNoiseState(NamedTuple):
+  """State of :func:`dynamic_isotropic_noise`: ``count``, ``rng_key``,
+  ``num_rejected`` (refreshes discarded for non-finite values) and the
+  cached :class:`TraceFactor` (``state.trace`` reads ``factor.trace``)."""
+
+  count: chex.Array
+  rng_key: chex.PRNGKey
+  num_rejected: chex.Array
+  factor: TraceFactor
+
+
+class DiagonalNoiseState(NamedTuple):
+  """State of :func:`diagonal_noise`: ``count``, ``rng_key``,
+  ``num_rejected`` and the cached :class:`DiagonalFactor` (``state.trace``
+  and ``state.diagonal`` read its fields)."""
+
+  count: chex.Array
+  rng_key: chex.PRNGKey
+  num_rejected: chex.Array
+  factor: DiagonalFactor
+
+
+class LowRankNoiseState(NamedTuple):
+  """State of :func:`leading_noise`, :func:`hessian_noise` and
+  :func:`hessian_eigvec_noise`: ``count``, ``rng_key``, ``num_rejected``
+  and the cached :class:`LowRankFactor` (``state.trace``,
+  ``state.eigenvalues``, ``state.eigenvectors`` and
+  ``state.residual_norms`` read its fields)."""
+
+  count: chex.Array
+  rng_key: chex.PRNGKey
+  num_rejected: chex.Array
+  factor: LowRankFactor
+
+
+_forward_fields(DynamicIsotropicNoiseState, TraceFactor)
+_forward_fields(DiagonalNoiseState, DiagonalFactor)
+_forward_fields(LowRankNoiseState, LowRankFactor)
+LeadingNoiseState = LowRankNoiseState
+HessianNoiseState = LowRankNoiseState
+HessianEigvecNoiseState = LowRankNoiseState
+
+
+class SgdNoiseState(NamedTuple):
+  """State of :func:`sgd_noise`."""
+
+  count: chex.Array
+  rng_key: chex.PRNGKey
+
+
+# --------------------------------------------------------------------------
+# Construction-time validation
+# --------------------------------------------------------------------------
+
+
+def canonical_key(key: KeyLike) -> jax.Array:
+  if isinstance(key, int) and not isinstance(key, bool):
+    return jax.random.key(key)
+  if not isinstance(key, (jax.Array, jax.core.Tracer)):
+    raise ValueError(
+        "key must be an int seed or a PRNG key (jax.random.key(0)), got"
+        f" {key!r}."
+    )
+  if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+    return key
+  if key.dtype == jnp.uint32 and key.shape == (2,):
+    return jax.random.wrap_key_data(key)
+  raise ValueError(
+      "key must be an int seed or a PRNG key (jax.random.key(0)), got"
+      f" {key!r}."
+  )
+
+
+def _check_magnitude(batch_size: int | None, trace: Any) -> None:
+  if batch_size is not None and trace is not None:
+    raise ValueError(
+        "give either batch_size (match the noise of SGD with that minibatch"
+        " size, trace Tr(C)/m) or trace (a fixed Tr(Sigma)), not both."
+    )
+  if batch_size is not None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int):
+      raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}.")
+    if batch_size <= 0:
+      raise ValueError(
+          f"batch_size must be >= 1 (the SGD minibatch size m whose noise"
+          f" trace Tr(C)/m is matched), got {batch_size}."
+      )
+  if trace is not None and not isinstance(trace, jax.core.Tracer):
+    if jnp.ndim(trace) != 0 or not float(trace) >= 0:
+      raise ValueError(
+          f"trace must be a non-negative scalar (the target E||eps||^2), got"
+          f" {trace!r}."
+      )
+
+
+def check_k(k: int, params: Params, who: str) -> None:
+  d = batching.num_params(params)
+  if k > d:
+    raise ValueError(
+        f"{who}: k={k} eigenpairs asked of a model with D={d} parameters;"
+        f" use k <= {d} (k = D is the full covariance, as in the paper's 2D"
+        " example)."
+    )
+
+
+# --------------------------------------------------------------------------
+# Shared machinery
+# --------------------------------------------------------------------------
+
+
+def add_noise(updates: optax.Updates, eps: Params) -> optax.Updates:
+  return jax.tree.map(lambda u, e: u + e.astype(u.dtype), updates, eps)
+
+
+def scale_to(target: jax.Array, total: jax.Array) -> jax.Array:
+  """``target / total``, and 0 where ``total`` is not positive (no noise
+  rather than a division by zero when the factor is empty)."""
+  ok = total > 0
+  return jnp.where(ok, target / jnp.where(ok, total, 1), 0)
+
+
+def _all_finite(tree: Any) -> jax.Array:
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+@dataclasses.dataclass(frozen=True)
+class Magnitude:
+  """The target trace ``T`` (paper Eq. 14): ``Tr(C) / m`` with
+  ``m = batch_size`` (default ``n``, the batch passed), or a fixed
+  ``trace``."""
+
+  batch_size: int | None
+  trace: Any
+
+  def __post_init__(self):
+    _check_magnitude(self.batch_size, self.trace)
+
+  @property
+  def fixed(self) -> bool:
+    return self.trace is not None
+
+  def target(self, trace_c: jax.Array, n: int) -> jax.Array:
+    if self.trace is not None:
+      return jnp.asarray(self.trace, dtype=jnp.result_type(trace_c))
+    return trace_c / (n if self.batch_size is None else self.batch_size)
+
+
+TRACE_ESTIMATORS = {
+    "exact": "per-example gradients",
+    "hutchinson": "random probes, no per-example gradients",
+    "deflated": ("the refresh's eigenvectors' part exactly, probes for the"
+                 " rest"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class TraceEstimation:
+  """How ``Tr(C)`` (or ``diag(C)``) is obtained at a refresh: one of
+  :data:`TRACE_ESTIMATORS` with its probes and chunking."""
+
+  method: str
+  num_probes: int
+  chunk_size: int | None
+  allowed: tuple[str, ...] = ("exact", "hutchinson")
+
+  def __post_init__(self):
+    if self.method not in self.allowed:
+      choices = ", ".join(f"{m!r} ({TRACE_ESTIMATORS[m]})"
+                          for m in self.allowed)
+      raise ValueError(f"trace_estimator must be one of {choices}; got"
+                       f" {self.method!r}.")
+    batching.check_positive_int("num_probes", self.num_probes)
+    batching.check_chunk_size(self.chunk_size)
+
+  def trace(self, loss_fn, params, batch, key, basis=None, in_span=None):
+    """``Tr(C)``; ``"deflated"`` projects the probes off ``basis`` and adds
+    ``in_span`` (``sum_j q_j^T C q_j`` when the caller knows it, e.g. Ritz
+    values of ``C``) or computes that part (``k`` forward products)."""
+    if self.method == "deflated":
+      if in_span is None:
+        return covariance.covariance_trace(
+            loss_fn, params, batch, method="hutchinson", key=key,
+            num_probes=self.num_probes, chunk_size=self.chunk_size,
+            deflate=basis)
+      form = covariance.quadratic_form(loss_fn, params, batch,
+                                       chunk_size=self.chunk_size)
+      return in_span + covariance.complement_trace(
+          form, basis, params, key, self.num_probes, batch)
+    return covariance.covariance_trace(
+        loss_fn, params, batch, method=self.method, key=key,
+        num_probes=self.num_probes, chunk_size=self.chunk_size)
+
+  def diagonal(self, loss_fn, params, batch, key):
+    """``diag(C)``, exact or from backward-mode probes."""
+    return covariance.covariance_diagonal(
+        loss_fn, params, batch, method=self.method, key=key,
+        num_probes=self.num_probes, chunk_size=self.chunk_size)
+
+
+@dataclasses.dataclass(frozen=True)
+class Solver:
+  """The eigen-solve of a low-rank refresh (``top_eigenpairs`` settings)."""
+
+  k: int
+  num_iters: int | None
+  tol: float | None
+  max_matvecs: int | None
+
+  def __post_init__(self):
+    batching.check_positive_int("k", self.k)
+    if self.num_iters is not None:
+      batching.check_positive_int("num_iters", self.num_iters)
+      if self.num_iters < self.k:
+        raise ValueError(f"num_iters={self.num_iters} must be >= k={self.k}.")
+    curvature.check_tol(self.tol)
+    if self.max_matvecs is not None:
+      batching.check_positive_int("max_matvecs", self.max_matvecs)
+
+  def solve(self, operator, params, batch, chunk_size, key, old):
+    """Top-k eigenpairs; warm-started from the cached eigenvectors (subspace
+    recycling) once there are any, a cold Lanczos solve at the first
+    refresh."""
+    d = batching.num_params(params)
+    iters = (curvature.default_num_iters(self.k, d) if self.num_iters is None
+             else min(self.num_iters, d))
+    solve = functools.partial(
+        curvature.top_eigenpairs, operator, params, self.k, key=key,
+        num_iters=iters, tol=self.tol, max_matvecs=self.max_matvecs,
+        unroll=curvature.lanczos_unroll(batch, chunk_size, iters))
+    if iters == self.k:
+      return solve()
+    return jax.lax.cond(
+        jnp.any(old.residual_norms != 0) | jnp.any(old.eigenvalues != 0),
+        lambda: solve(init_subspace=old.eigenvectors), solve)
+
+
+def refreshing_transform(
+    who: str,
+    init_factor: Callable[[Params], NamedTuple],
+    estimate: Callable[..., NamedTuple],
+    draw: Callable[[NamedTuple, jax.Array, Params], Params],
+    state_type: type,
+    refresh_every: int,
+    key: KeyLike,
+    needs_loss: bool = True,
+) -> optax.GradientTransformationExtraArgs:
+  """The one home of the cached-and-refreshed noises.
+
+  ``init_factor(params)`` gives a zero factor of the right shapes,
+  ``estimate(params, loss_fn, batch, key, old)`` a fresh one (``old``, the
+  cached factor, can warm-start it) and ``draw(factor, key, params)`` a
+  noise sample. The state is ``state_type(count, rng_key, num_rejected,
+  factor)``.
+  """
+  batching.check_positive_int("refresh_every", refresh_every)
+  key = canonical_key(key)
+
+  def init_fn(params):
+    batching.check_params(params, who)
+    return state_type(count=jnp.zeros([], jnp.int32), rng_key=key,
+                      num_rejected=jnp.zeros([], jnp.int32),
+                      factor=init_factor(params))
+
+  def update_fn(updates, state, params=None, *, loss_fn=None, batch=None,
+                **extra_args):
+    del extra_args
+    batching.check_params(params, who)
+    if needs_loss:
+      batching.check_loss_and_batch(loss_fn, params, batch, who)
+    new_key, refresh_key, noise_key = jax.random.split(state.rng_key, 3)
+    old = state.factor
+
+    def refresh(_):
+      return estimate(params, loss_fn, batch, refresh_key, old)
+
+    if refresh_every == 1:
+      is_refresh = jnp.array(True)
+      new = refresh(None)
+    else:
+      is_refresh = state.count % refresh_every == 0
+      new = jax.lax.cond(is_refresh, refresh, lambda _: old, None)
+    ok = _all_finite(new)
+    factor = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+    eps = draw(factor, noise_key, params)
+    new_state = state_type(
+        count=optax.safe_increment(state.count),
+        rng_key=new_key,
+        num_rejected=state.num_rejected
+        + jnp.logical_and(is_refresh, ~ok).astype(jnp.int32),
+        factor=factor,
+    )
+    return add_noise(updates, eps), new_state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def dtype_of(params: Params) -> Any:
+  return jnp.result_type(*jax.tree.leaves(params))
+
+
+def normal_like(key: jax.Array, params: Params) -> Params:
+  return optax.tree_utils.tree_random_like(key, params, jax.random.normal)
+
+
+# --------------------------------------------------------------------------
+# The low-rank family
+# --------------------------------------------------------------------------
+
+
+def low_rank_transform(
+    who: str, operator: Callable, weights: Callable[[jax.Array], jax.Array],
+    solver: Solver, magnitude: Magnitude, estimation: TraceEstimation,
+    refresh_every: int, key: KeyLike, of_covariance: bool,
+) -> optax.GradientTransformationExtraArgs:
+  """The one home of the low-rank noises: ``trace * sum_j w_j v_j v_j^T /
+  sum_j w_j`` from the top-k eigenpairs of ``operator`` (``C`` when
+  ``of_covariance``, whose eigenvalues are then the in-span part of a
+  deflated trace, or ``H``)."""
+  k = solver.k
+
+  def init_factor(params):
+    check_k(k, params, who)
+    dtype = dtype_of(params)
+    return LowRankFactor(
+        jnp.zeros([], dtype),
+        jnp.zeros([k], dtype),
+        jax.tree.map(lambda p: jnp.zeros((k, *jnp.shape(p)), p.dtype), params),
+        jnp.zeros([k], dtype),
+    )
+
+  def estimate(params, loss_fn, batch, key, old):
+    check_k(k, params, who)
+    eig_key, trace_key = jax.random.split(key)
+    res = solver.solve(
+        operator(loss_fn, params, batch, chunk_size=estimation.chunk_size),
+        params, batch, estimation.chunk_size, eig_key, old)
+    if magnitude.fixed:
+      tr_c = jnp.zeros([], res.eigenvalues.dtype)
+    else:
+      # The Ritz values of C are its quadratic form on the Ritz vectors.
+      in_span = jnp.sum(res.eigenvalues) if of_covariance else None
+      tr_c = estimation.trace(loss_fn, params, batch, trace_key,
+                              basis=res.eigenvectors, in_span=in_span)
+    target = magnitude.target(tr_c, batching.num_examples(batch))
+    return LowRankFactor(target.astype(res.eigenvalues.dtype),
+                         res.eigenvalues, res.eigenvectors,
+                         res.residual_norms)
+
+  def draw(factor, key, params):
+    del params
+    w = weights(factor.eigenvalues)
+    scale = scale_to(factor.trace, jnp.sum(w))
+    z = jax.random.normal(key, (k,), factor.eigenvalues.dtype)
+    coef = jnp.sqrt(scale * w) * z
+    return jax.tree.map(
+        lambda v: jnp.tensordot(coef.astype(v.dtype), v, axes=1),
+        factor.eigenvectors,
+    )
+
+  return refreshing_transform(
+      who, init_factor, estimate, draw, LowRankNoiseState, refresh_every, key)
