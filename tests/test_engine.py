@@ -130,6 +130,15 @@ def test_covariance_trace_deflated_within_its_error():
   assert abs(ests.mean() - np.trace(c)) < 5 * sd / np.sqrt(reps)
   assert 0.6 < ests.std(ddof=1) / sd < 1.5
   assert sd < 0.5 * plain  # deflating by the top of C pays here
+  # A known in-span part (C's Ritz values) replaces its k products: the same
+  # probes give the same estimate.
+  known = anisonoise.covariance_trace(
+      loss_fn, params, batch, method="hutchinson", key=jax.random.key(1),
+      num_probes=num_probes, deflate=basis, in_span=jnp.sum(w[::-1][:6]))
+  computed = anisonoise.covariance_trace(
+      loss_fn, params, batch, method="hutchinson", key=jax.random.key(1),
+      num_probes=num_probes, deflate=basis)
+  np.testing.assert_allclose(known, computed, rtol=1e-4)
 
 
 def test_sgd_noise_sample_covariance():

@@ -1,5 +1,6 @@
 """Bad input: every error says what was wrong and what to do."""
 
+import jax
 import jax.numpy as jnp
 import pytest
 
@@ -141,6 +142,18 @@ def test_trace_estimator_name():
   with pytest.raises(ValueError, match="deflate= applies to"):
     anisonoise.covariance_trace(lambda w, b: b @ w, jnp.zeros(2),
                                 jnp.ones((3, 2)), deflate=jnp.eye(2))
+  with pytest.raises(ValueError, match="in_span= is the part"):
+    anisonoise.covariance_trace(lambda w, b: b @ w, jnp.zeros(2),
+                                jnp.ones((3, 2)), method="hutchinson",
+                                key=jax.random.key(0), in_span=1.0)
+  with pytest.raises(ValueError, match="hessian_trace: method must be"
+                     " 'exact' .* or 'hutchinson'"):
+    anisonoise.hessian_trace(lambda w, b: b @ w, jnp.zeros(2),
+                             jnp.ones((3, 2)), method="probes")
+  with pytest.raises(ValueError, match="num_probes must be an int >= 1"):
+    anisonoise.hessian_trace(lambda w, b: b @ w, jnp.zeros(2),
+                             jnp.ones((3, 2)), method="hutchinson",
+                             key=jax.random.key(0), num_probes=0)
 
 
 def test_isotropic_needs_no_loss_nor_params():

@@ -157,7 +157,9 @@ def covariance_diagonal(
   """
   batching.check_chunk_size(chunk_size)
   n = sums.check_data(loss_fn, params, batch, "covariance_diagonal")
-  _check_method(method, "covariance_diagonal", key, num_probes)
+  estimators.check_method("covariance_diagonal", method, _METHODS,
+                          random="hutchinson", key=key,
+                          num_samples=num_probes)
   if method == "hutchinson":
     transposed = jacobian_transpose(loss_fn, params, batch,
                                     chunk_size=chunk_size)
@@ -186,6 +188,7 @@ def covariance_trace(
     key: jax.Array | None = None,
     num_probes: int = 32,
     deflate: Params | None = None,
+    in_span: jax.Array | None = None,
 ) -> jax.Array:
   """The trace of the gradient covariance, ``Tr(C) = m Tr(Sigma_sgd)``.
 
@@ -227,6 +230,9 @@ def covariance_trace(
     deflate: ``"hutchinson"`` only: a pytree like ``params`` whose leaves
       have a leading axis of size ``k``, ``k`` orthonormal vectors
       (the ``eigenvectors`` of :func:`anisonoise.top_eigenpairs`).
+    in_span: with ``deflate``, the in-span part ``sum_j q_j^T C q_j`` when
+      the caller knows it (the sum of ``C``'s Ritz values, for Ritz vectors
+      of ``covariance_operator``), saving its ``k`` products.
 
   Returns:
     A scalar ``Tr(C)``.
@@ -242,7 +248,12 @@ def covariance_trace(
     Meyer, Musco, Musco and Woodruff, `Hutch++: Optimal Stochastic Trace
     Estimation <https://arxiv.org/abs/2010.09649>`_, SOSA 2021.
   """
-  _check_method(method, "covariance_trace", key, num_probes)
+  estimators.check_method("covariance_trace", method, _METHODS,
+                          random="hutchinson", key=key,
+                          num_samples=num_probes)
+  if in_span is not None and deflate is None:
+    raise ValueError("covariance_trace: in_span= is the part of the trace"
+                     " in the span of deflate=; give both.")
   if method == "exact":
     if deflate is not None:
       raise ValueError("covariance_trace: deflate= applies to"
@@ -254,7 +265,8 @@ def covariance_trace(
   form = quadratic_form(loss_fn, params, batch, chunk_size=chunk_size)
   if deflate is None:
     return estimators.hutchinson(form, params, key, num_probes, batch).mean
-  in_span = jnp.sum(estimators.map_probes(form, deflate, batch))
+  if in_span is None:
+    in_span = jnp.sum(estimators.map_probes(form, deflate, batch))
   return in_span + complement_trace(form, deflate, params, key, num_probes,
                                     batch)
 
@@ -275,18 +287,7 @@ def complement_trace(form: Callable[[Params], jax.Array], basis: Params,
   return estimators.hutchinson(projected, like, key, num_probes, data).mean
 
 
-def _check_method(method: str, who: str, key: jax.Array | None,
-                  num_probes: int) -> None:
-  if method not in ("exact", "hutchinson"):
-    raise ValueError(
-        f"{who}: method must be 'exact' (per-example gradients) or"
-        f" 'hutchinson' (random probes), got {method!r}."
-    )
-  if method == "hutchinson":
-    if key is None:
-      raise ValueError(f"{who}(method='hutchinson') needs a PRNG key"
-                       " (key=jax.random.key(0)).")
-    batching.check_positive_int("num_probes", num_probes)
+_METHODS = {"exact": "per-example gradients", "hutchinson": "random probes"}
 
 
 def quadratic_form(

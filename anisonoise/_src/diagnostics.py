@@ -32,20 +32,9 @@ from anisonoise._src import sums
 from anisonoise._src.batching import Batch, LossFn, Params
 
 
-
-def _check_num_samples(num_samples) -> None:
-  batching.check_positive_int("num_samples", num_samples)
-
-
 def _check_batch_size(batch_size) -> None:
   if batch_size is not None:
     batching.check_positive_int("batch_size", batch_size)
-
-
-def _require_key(key, who):
-  if key is None:
-    raise ValueError(f"{who} needs a PRNG key (key=jax.random.key(0)).")
-
 
 
 # --------------------------------------------------------------------------
@@ -111,9 +100,12 @@ def escape_indicator(
   """
   _check_batch_size(batch_size)
   batching.check_chunk_size(chunk_size)
-  if method not in ("exact", "stochastic"):
-    raise ValueError(
-        f"method must be 'exact' or 'stochastic', got {method!r}.")
+  estimators.check_method(
+      "escape_indicator", method,
+      {"exact": "a Hessian product per example",
+       "stochastic": "SGD-noise draws"},
+      random="stochastic", key=key, num_samples=num_samples,
+      samples_name="num_samples")
   n = sums.check_data(loss_fn, params, batch, "escape_indicator")
   m = n if batch_size is None else batch_size
   h_op = curvature.hessian_operator(loss_fn, params, batch,
@@ -136,8 +128,6 @@ def escape_indicator(
 
     total = batching.fold_chunks(on_chunk, batch, chunk_size)
     return total / (m * n)
-  _require_key(key, "escape_indicator(method='stochastic')")
-  _check_num_samples(num_samples)
   draw = covariance.sgd_noise_sampler(loss_fn, params, batch, batch_size=m,
                                       chunk_size=chunk_size)
 
@@ -186,9 +176,10 @@ def hessian_trace(
     >>> float(anisonoise.hessian_trace(loss_fn, jnp.zeros(2), batch))
     2.5
   """
-  if method not in ("exact", "hutchinson"):
-    raise ValueError(
-        f"method must be 'exact' or 'hutchinson', got {method!r}.")
+  estimators.check_method(
+      "hessian_trace", method,
+      {"exact": "D Hessian products", "hutchinson": "random probes"},
+      random="hutchinson", key=key, num_samples=num_probes)
   batching.check_chunk_size(chunk_size)
   sums.check_data(loss_fn, params, batch, "hessian_trace")
   h_op = curvature.hessian_operator(loss_fn, params, batch,
@@ -196,8 +187,6 @@ def hessian_trace(
 
   if method == "exact":
     return _exact_hessian_trace(loss_fn, params, batch, chunk_size, h_op)
-  _require_key(key, "hessian_trace(method='hutchinson')")
-  _check_num_samples(num_probes)
 
   def quad(v):
     return jnp.vdot(ravel_pytree(v)[0], ravel_pytree(h_op(v))[0])
@@ -503,7 +492,7 @@ def expected_sharpness(
   """
   if not isinstance(delta, jax.core.Tracer) and not float(delta) > 0:
     raise ValueError(f"delta must be > 0, got {delta!r}.")
-  _check_num_samples(num_samples)
+  batching.check_positive_int("num_samples", num_samples)
   batching.check_positive_int("samples_per_chunk", samples_per_chunk)
   batching.check_chunk_size(chunk_size)
   n = sums.check_data(loss_fn, params, batch, "expected_sharpness")
@@ -683,7 +672,7 @@ def spectral_density(
     optimization via Hessian eigenvalue density, ICML 2019; Lin, Saad and
     Yang, Approximating spectral densities of large matrices, 2016.
   """
-  _check_num_samples(num_probes)
+  batching.check_positive_int("num_probes", num_probes)
   flat, unravel = ravel_pytree(params)
   d = flat.size
   if not 1 <= num_iters <= d:

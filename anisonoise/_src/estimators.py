@@ -45,6 +45,23 @@ def mean_and_sem(samples: jax.Array) -> MonteCarloEstimate:
   return MonteCarloEstimate(jnp.mean(samples), sd / math.sqrt(num))
 
 
+def check_method(who: str, method: str, methods: dict[str, str], *,
+                 random: str, key: Any, num_samples: Any,
+                 samples_name: str = "num_probes") -> None:
+  """One home of an estimator choice's checks: ``method`` is one of
+  ``methods`` (name -> what it uses, quoted in the error), and the random
+  one (``random``) has a PRNG ``key`` and ``num_samples >= 1`` (called
+  ``samples_name`` in the caller's signature)."""
+  if method not in methods:
+    choices = " or ".join(f"{m!r} ({what})" for m, what in methods.items())
+    raise ValueError(f"{who}: method must be {choices}, got {method!r}.")
+  if method == random:
+    if key is None:
+      raise ValueError(f"{who}(method={random!r}) needs a PRNG key"
+                       " (key=jax.random.key(0)).")
+    batching.check_positive_int(samples_name, num_samples)
+
+
 def probe_chunk() -> int:
   """Probes vectorised at once on this backend (see :data:`PROBE_CHUNK`)."""
   return PROBE_CHUNK if jax.default_backend() == "cpu" else (

@@ -263,19 +263,12 @@ class TraceEstimation:
     """``Tr(C)``; ``"deflated"`` projects the probes off ``basis`` and adds
     ``in_span`` (``sum_j q_j^T C q_j`` when the caller knows it, e.g. Ritz
     values of ``C``) or computes that part (``k`` forward products)."""
-    if self.method == "deflated":
-      if in_span is None:
-        return covariance.covariance_trace(
-            loss_fn, params, batch, method="hutchinson", key=key,
-            num_probes=self.num_probes, chunk_size=self.chunk_size,
-            deflate=basis)
-      form = covariance.quadratic_form(loss_fn, params, batch,
-                                       chunk_size=self.chunk_size)
-      return in_span + covariance.complement_trace(
-          form, basis, params, key, self.num_probes, batch)
+    deflated = self.method == "deflated"
     return covariance.covariance_trace(
-        loss_fn, params, batch, method=self.method, key=key,
-        num_probes=self.num_probes, chunk_size=self.chunk_size)
+        loss_fn, params, batch, key=key, num_probes=self.num_probes,
+        method="hutchinson" if deflated else self.method,
+        chunk_size=self.chunk_size, deflate=basis if deflated else None,
+        in_span=in_span if deflated else None)
 
   def diagonal(self, loss_fn, params, batch, key):
     """``diag(C)``, exact or from backward-mode probes."""
