@@ -82,7 +82,12 @@ def make_step(loss_fn, noise):
   return tx, step
 
 
-def time_steps(loss_fn, params, batch, noise, steps, repeats):
+def time_steps(loss_fn, params, batch, noise, steps, repeats, warm=0):
+  """Seconds per step over one refresh period, and the products of its
+  refresh (low-rank noises; else None). ``warm`` periods are run first,
+  each from ``params`` again with the state carried over: the timed
+  refresh is then warm-started from a cache converged at these parameters
+  (a settled subspace), where 0 times the cold first refresh."""
   tx, step = make_step(loss_fn, noise)
 
   def run(params, state, batch):
@@ -93,7 +98,14 @@ def time_steps(loss_fn, params, batch, noise, steps, repeats):
     return params, state
 
   state = tx.init(params)
-  return timeit(run, params, state, batch, repeats=repeats) / steps
+  for _ in range(warm):
+    state = run(params, state, batch)[1]
+  t = timeit(run, params, state, batch, repeats=repeats) / steps
+  after = run(params, state, batch)[1]
+  found = [s.num_matvecs for s in jax.tree.leaves(
+      after, is_leaf=lambda x: hasattr(x, "num_matvecs"))
+           if hasattr(s, "num_matvecs")]
+  return t, (int(found[0]) if found else None)
 
 
 def main():
@@ -108,6 +120,11 @@ def main():
                       default=["default", "exact"],
                       help="Tr(C) estimators to time: the library's default"
                       " and/or 'exact'")
+  parser.add_argument("--warm", type=int, nargs="+", default=[0],
+                      help="refresh periods run before timing (state"
+                      " carried, parameters reset): times a warm-started"
+                      " refresh of a settled cache; 0 times the cold one")
+  parser.add_argument("--tag", default="", help="suffix of the result files")
   parser.add_argument("--out", default="results/benchmarks")
   args = parser.parse_args()
   env = environment()
@@ -119,7 +136,7 @@ def main():
   matvec = jax.jit(lambda p, b, v: anisonoise.hessian_operator(
       loss_fn, p, b)(v))
   t_mv = timeit(matvec, params, batch, v, repeats=args.repeats)
-  t_gd = time_steps(loss_fn, params, batch, None, 1, args.repeats)
+  t_gd = time_steps(loss_fn, params, batch, None, 1, args.repeats)[0]
   print(f"D={flat.size}  GD step {t_gd:.3f} s  linearised HVP {t_mv:.3f} s",
         flush=True)
   rows = []
@@ -133,21 +150,25 @@ def main():
           continue
         if args.dynamics and name not in args.dynamics:
           continue
-        t = time_steps(loss_fn, params, batch, noise, refresh, args.repeats)
-        floor = t_gd + matvecs * t_mv / refresh
-        row = {"dynamics": name, "refresh_every": refresh,
-               "trace_estimator": estimator if exact or name not in (
-                   "GLD const", "GD + SGD noise") else "-",
-               "step_s": t, "ratio_to_gd": t / t_gd,
-               "ratio_to_floor": t / floor if matvecs else None}
-        rows.append(row)
-        floor_txt = f"{row['ratio_to_floor']:.2f}" if matvecs else "-"
-        print(f"{name:18s} refresh {refresh:2d} {row['trace_estimator']:7s}:"
-              f" {t:7.3f} s/step, {t / t_gd:5.2f}x GD, {floor_txt} x floor",
-              flush=True)
+        for warm in args.warm:
+          t, products = time_steps(loss_fn, params, batch, noise, refresh,
+                                   args.repeats, warm)
+          floor = t_gd + matvecs * t_mv / refresh
+          row = {"dynamics": name, "refresh_every": refresh,
+                 "trace_estimator": estimator if exact or name not in (
+                     "GLD const", "GD + SGD noise") else "-",
+                 "warm": warm, "step_s": t, "ratio_to_gd": t / t_gd,
+                 "products": products,
+                 "ratio_to_floor": t / floor if matvecs else None}
+          rows.append(row)
+          floor_txt = f"{row['ratio_to_floor']:.2f}" if matvecs else "-"
+          print(f"{name:18s} refresh {refresh:2d} warm {warm}"
+                f" {row['trace_estimator']:7s}:"
+                f" {t:7.3f} s/step, {t / t_gd:5.2f}x GD, {floor_txt} x floor",
+                flush=True)
   res = {"env": env, "model": args.model, "D": int(flat.size), "n": args.n,
          "gd_step_s": t_gd, "matvec_s": t_mv, "rows": rows}
-  _common.write_results(args.out, f"step_cost_{args.model}", res,
+  _common.write_results(args.out, f"step_cost_{args.model}{args.tag}", res,
                         markdown(res))
 
 
@@ -156,15 +177,20 @@ def markdown(res) -> str:
   lines = [f"{res['model']} (D = {res['D']}, n = {res['n']}): GD step"
            f" {res['gd_step_s']:.4f} s, linearised HVP {res['matvec_s']:.4f}"
            f" s; {env['device']}, {env['cpu_count']} cores, jax"
-           f" {env['jax']}.", "",
-           "| dynamics | refresh | Tr(C) | s/step | x GD | x floor |",
-           "|---|---|---|---|---|---|"]
+           f" {env['jax']}. Warm: refresh periods run at the same"
+           " parameters before timing (0: the cold first refresh; more: a"
+           " warm-started refresh of a settled cache); products: the timed"
+           " refresh's.", "",
+           "| dynamics | refresh | Tr(C) | warm | s/step | x GD | x floor |"
+           " products |",
+           "|---|---|---|---|---|---|---|---|"]
   for r in res["rows"]:
     floor = "-" if r["ratio_to_floor"] is None else (
         f"{r['ratio_to_floor']:.2f}")
     lines.append(f"| {r['dynamics']} | {r['refresh_every']} |"
-                 f" {r.get('trace_estimator', 'exact')} |"
-                 f" {r['step_s']:.4f} | {r['ratio_to_gd']:.2f} | {floor} |")
+                 f" {r.get('trace_estimator', 'exact')} | {r.get('warm', 0)} |"
+                 f" {r['step_s']:.4f} | {r['ratio_to_gd']:.2f} | {floor} |"
+                 f" {r.get('products') or '-'} |")
   return "\n".join(lines)
 
 

@@ -71,22 +71,30 @@ def dense_reference(loss_fn, params, batch, k):
   return {"GLD Hessian": top(h), "GLD leading": top(c)}
 
 
+_REFERENCE_SOLVES = {}
+
+
 def solver_reference(loss_fn, params, batch, k):
+  """Top-k eigenvalues from ``top_eigenpairs`` at ``tol=1e-4`` (compiled
+  once per problem)."""
   out = {}
   for name, op in (("GLD Hessian", anisonoise.hessian_operator),
                    ("GLD leading", anisonoise.covariance_operator)):
-    res = jax.jit(lambda p, b, op=op: anisonoise.top_eigenpairs(
-        op(loss_fn, p, b), p, k, key=jax.random.key(99), num_iters=2 * k + 40,
-        tol=1e-4, max_matvecs=40 * k))(params, batch)
-    out[name] = np.asarray(res.eigenvalues, np.float64)
+    solve = _REFERENCE_SOLVES.setdefault(
+        (loss_fn, name, k), jax.jit(lambda p, b, op=op: (
+            anisonoise.top_eigenpairs(
+                op(loss_fn, p, b), p, k, key=jax.random.key(99),
+                num_iters=2 * k + 40, tol=1e-4, max_matvecs=40 * k))))
+    out[name] = np.asarray(solve(params, batch).eigenvalues, np.float64)
   return out
 
 
 def trajectory(loss_fn, params, batch, k, lr, refresh_every, refreshes,
-               reference):
+               reference, tol=None, max_matvecs=None):
   names = ("GLD Hessian", "GLD leading")
   txs = {n: anisonoise.dynamics_noise(n, k=k, batch_size=20,
-                                      refresh_every=refresh_every, key=1)
+                                      refresh_every=refresh_every, key=1,
+                                      tol=tol, max_matvecs=max_matvecs)
          for n in names}
   ops = {"GLD Hessian": anisonoise.hessian_operator,
          "GLD leading": anisonoise.covariance_operator}
@@ -118,27 +126,43 @@ def trajectory(loss_fn, params, batch, k, lr, refresh_every, refreshes,
           "cold_error": float(np.max(np.abs(
               np.asarray(c.eigenvalues, np.float64) - lam)) / lam[0]),
           "matvecs": int(c.num_matvecs),
+          "warm_matvecs": int(states[n].num_matvecs),
       }
     rows.append(row)
     print(row, flush=True)
   return rows
 
 
+def gd(loss_fn, params, batch, lr, steps):
+  """``steps`` full-batch GD steps (where the trajectory starts)."""
+  step = jax.jit(lambda p, b: jax.tree.map(
+      lambda w, g: w - lr * g, p,
+      jax.grad(lambda q: jnp.mean(loss_fn(q, b)))(p)))
+  for _ in range(steps):
+    params = step(params, batch)
+  return params
+
+
 def markdown(res: dict) -> str:
   out = []
   for prob in res["problems"]:
     out.append(f"{prob['name']} (D = {prob['num_params']}, k = {prob['k']},"
-               f" refresh every {prob['refresh_every']}, {prob['matvecs']}"
-               f" products per refresh, warm and cold alike): error"
-               " max_j |lambda_j - lambda_j^ref| / lambda_1^ref.")
+               f" refresh every {prob['refresh_every']}, from GD step"
+               f" {prob.get('skip', 0)}, transforms' tol"
+               f" {prob.get('tol')}, max_matvecs {prob.get('max_matvecs')};"
+               f" cold: one cycle of {prob['matvecs']} products): error"
+               " max_j |lambda_j - lambda_j^ref| / lambda_1^ref, warm"
+               " products in brackets.")
     out.append("")
     out.append("| refresh | Hessian: warm | Hessian: cold | leading: warm"
                " | leading: cold |")
     out.append("|---|---|---|---|---|")
     for r in prob["rows"]:
       h, c = r["GLD Hessian"], r["GLD leading"]
-      out.append(f"| {r['refresh']} | {h['warm_error']:.2e} |"
-                 f" {h['cold_error']:.2e} | {c['warm_error']:.2e} |"
+      out.append(f"| {r['refresh']} | {h['warm_error']:.2e}"
+                 f" ({h.get('warm_matvecs', prob['matvecs'])}) |"
+                 f" {h['cold_error']:.2e} | {c['warm_error']:.2e}"
+                 f" ({c.get('warm_matvecs', prob['matvecs'])}) |"
                  f" {c['cold_error']:.2e} |")
     out.append("")
   return "\n".join(out)
@@ -155,6 +179,17 @@ def main():
                       " LeNet)")
   parser.add_argument("--hidden", type=int, default=48,
                       help="the MLP's hidden width")
+  parser.add_argument("--tol", type=float, default=None,
+                      help="the transforms' tol (default: theirs)")
+  parser.add_argument("--max-matvecs", type=int, default=None,
+                      help="the transforms' max_matvecs (default: theirs)")
+  parser.add_argument("--skip", type=int, default=0,
+                      help="GD steps before the first refresh (0: from"
+                      " initialisation)")
+  parser.add_argument("--reference", choices=("dense", "solver"),
+                      default=None, help="converged reference: dense eigh"
+                      " (the MLP's default) or top_eigenpairs at tol 1e-4")
+  parser.add_argument("--tag", default="", help="suffix of the result files")
   parser.add_argument("--out", default="results")
   args = parser.parse_args()
   env = environment()
@@ -165,21 +200,26 @@ def main():
     t0 = time.perf_counter()
     if name == "mlp":
       loss_fn, params, batch = tanh_mlp_problem(args.n or 512, args.hidden)
-      k, reference = 10, dense_reference
+      k = 10
+      reference = (solver_reference if args.reference == "solver"
+                   else dense_reference)
       label = f"tanh MLP 32-{args.hidden}-{args.hidden}-10"
     else:
       loss_fn, params, batch = lenet_problem(args.n or 1200)
       k, reference, label = 20, solver_reference, "LeNet, 1,200 images"
+    params = gd(loss_fn, params, batch, 0.07, args.skip)
     rows = trajectory(loss_fn, params, batch, k, 0.07, args.refresh_every,
-                      args.refreshes, reference)
+                      args.refreshes, reference, args.tol, args.max_matvecs)
     problems.append({
         "name": label, "k": k, "refresh_every": args.refresh_every,
         "num_params": int(sum(x.size for x in jax.tree.leaves(params))),
         "matvecs": rows[0]["GLD Hessian"]["matvecs"], "rows": rows,
+        "tol": args.tol, "max_matvecs": args.max_matvecs, "skip": args.skip,
         "seconds": time.perf_counter() - t0})
   res = {"environment": env, "problems": problems}
-  write_results(args.out, "warm_start" if args.problem == "both" else
-                f"warm_start_{args.problem}", res, markdown(res))
+  write_results(args.out, ("warm_start" if args.problem == "both" else
+                           f"warm_start_{args.problem}") + args.tag, res,
+                markdown(res))
 
 
 if __name__ == "__main__":

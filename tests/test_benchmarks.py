@@ -26,28 +26,33 @@ def _run(module, monkeypatch, *argv):
 def test_step_cost_smoke(tmp_path, monkeypatch):
   _run(step_cost, monkeypatch, "--model", "mlp", "--n", "24", "--repeats",
        "1", "--refresh", "2", "--dynamics", "GLD Hessian k=20",
-       "--out", str(tmp_path))
+       "--warm", "0", "1", "--out", str(tmp_path))
   res = json.load(open(tmp_path / "step_cost_mlp.json"))
   rows = res["rows"]
-  assert [r["trace_estimator"] for r in rows] == ["default", "exact"]
+  assert [(r["trace_estimator"], r["warm"]) for r in rows] == [
+      ("default", 0), ("default", 1), ("exact", 0), ("exact", 1)]
   assert all(r["step_s"] > 0 and r["ratio_to_floor"] > 0 for r in rows)
+  # The cold refresh runs the full 40 products, a warm one 24 or 40.
+  assert rows[0]["products"] == 40 and rows[1]["products"] in (24, 40)
   md = open(tmp_path / "step_cost_mlp.md").read()
-  assert "| GLD Hessian k=20 | 2 | default |" in md
-  assert "| GLD Hessian k=20 | 2 | exact |" in md
+  assert "| GLD Hessian k=20 | 2 | default | 0 |" in md
+  assert "| GLD Hessian k=20 | 2 | exact | 1 |" in md
   assert res["env"]["jax"]
 
 
 def test_warm_start_smoke(tmp_path, monkeypatch):
   _run(warm_start, monkeypatch, "--problem", "mlp", "--n", "32", "--hidden",
-       "8", "--refreshes", "2", "--refresh-every", "2", "--out",
-       str(tmp_path))
+       "8", "--refreshes", "2", "--refresh-every", "2", "--skip", "3",
+       "--tol", "0.01", "--out", str(tmp_path))
   res = json.load(open(tmp_path / "warm_start_mlp.json"))
   (prob,) = res["problems"]
   assert prob["num_params"] == 426 and prob["matvecs"] == 20
+  assert prob["skip"] == 3 and prob["tol"] == 0.01
   assert [r["refresh"] for r in prob["rows"]] == [1, 2]
   for r in prob["rows"]:
     for name in ("GLD Hessian", "GLD leading"):
       assert 0 <= r[name]["warm_error"] < 1 and r[name]["lambda_1"] > 0
+      assert r[name]["warm_matvecs"] in (14, 20)
   assert "| 2 |" in open(tmp_path / "warm_start_mlp.md").read()
 
 

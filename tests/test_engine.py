@@ -304,6 +304,30 @@ def test_warm_start_from_a_subspace_builds_up_accuracy():
   for r in (eager, jitted):
     assert bool(r.converged) and err(r) <= 1e-3
   assert int(eager.num_matvecs) == int(jitted.num_matvecs)
+  # A settled subspace (its own Ritz pairs meet tol) gets 4 new directions.
+  settled = [anisonoise.top_eigenpairs(
+      mv, like, 20, key=jax.random.key(1), tol=1e-3,
+      init_subspace=r.eigenvectors)
+      for r in (eager, jitted)]
+  for r in settled:
+    assert int(r.num_matvecs) == 24 and bool(r.converged)
+    assert err(r) <= 1e-3
+  # An eigenvalue risen outside it (1.5, above the block's 1.19) is seen by
+  # those directions: not settled any more, said so, and found in full by
+  # the next solve.
+  w, v = np.linalg.eigh(a)
+  risen = jnp.asarray(a + (1.5 - w[100]) * np.outer(v[:, 100], v[:, 100]))
+  ref2 = np.concatenate([[1.5], ref[:19]])
+  with pytest.warns(RuntimeWarning, match="did not reach"):
+    seen = anisonoise.top_eigenpairs(
+        lambda x: risen @ x, like, 20, key=jax.random.key(2), tol=1e-3,
+        init_subspace=eager.eigenvectors)
+  assert not bool(seen.converged) and float(seen.eigenvalues[0]) > 1.3
+  found = anisonoise.top_eigenpairs(
+      lambda x: risen @ x, like, 20, key=jax.random.key(3), tol=1e-3,
+      max_matvecs=4000, init_subspace=seen.eigenvectors)
+  assert bool(found.converged)
+  np.testing.assert_allclose(np.asarray(found.eigenvalues), ref2, atol=1e-3)
   with pytest.raises(ValueError, match="init_vector or init_subspace"):
     anisonoise.top_eigenpairs(mv, like, 2, key=jax.random.key(0),
                               init_vector=like, init_subspace=zero[:2])

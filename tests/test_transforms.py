@@ -273,6 +273,32 @@ def _flat_spectrum_mlp():
   return loss_fn, params, batch
 
 
+def test_settled_refreshes_cost_k_plus_4_products():
+  """Refreshed at the same parameters, the warm solves converge; once the
+  cached vectors meet tol (default 1e-2) a refresh costs k + 4 products,
+  and the eigenvalues stay within tol of the dense ones. With tol=None
+  every refresh runs the full num_iters."""
+  loss_fn, params, batch = _flat_spectrum_mlp()
+  flat, unravel = ravel_pytree(params)
+  h = jax.hessian(lambda f: jnp.mean(loss_fn(unravel(f), batch)))(flat)
+  ref = np.linalg.eigvalsh(np.asarray(h))[::-1][:10]
+  for tol in (1e-2, None):
+    tx = anisonoise.hessian_noise(10, batch_size=32, tol=tol, key=0)
+    update = jax.jit(lambda s: tx.update(params, s, params, loss_fn=loss_fn,
+                                         batch=batch)[1])
+    state, used = tx.init(params), []
+    for _ in range(12):
+      state = update(state)
+      used.append(int(state.num_matvecs))
+    if tol is None:
+      assert used == [20] * 12
+      continue
+    assert set(used) <= {14, 20} and used[0] == 20 and used[-1] == 14
+    assert np.all(np.asarray(state.residual_norms) <= tol * ref[0])
+    assert np.max(np.abs(np.asarray(state.eigenvalues) - ref)) <= (
+        tol * ref[0])
+
+
 def test_low_rank_tol_converges_the_cached_eigenpairs():
   loss_fn, params, batch = _flat_spectrum_mlp()
   flat, unravel = ravel_pytree(params)
@@ -280,7 +306,8 @@ def test_low_rank_tol_converges_the_cached_eigenpairs():
   ref = np.linalg.eigvalsh(np.asarray(h))[::-1][:10]
   errors = {}
   for tol in (None, 1e-3):
-    tx = anisonoise.hessian_noise(10, batch_size=32, tol=tol, key=0)
+    tx = anisonoise.hessian_noise(10, batch_size=32, tol=tol, key=0,
+                                  max_matvecs=None if tol is None else 400)
     _, state = tx.update(params, tx.init(params), params, loss_fn=loss_fn,
                          batch=batch)
     errors[tol] = np.max(np.abs(np.asarray(state.eigenvalues) - ref))
@@ -290,5 +317,8 @@ def test_low_rank_tol_converges_the_cached_eigenpairs():
   assert errors[1e-3] <= 1e-3 * ref[0]
   with pytest.raises(ValueError, match="tol must be positive"):
     anisonoise.leading_noise(3, batch_size=4, tol=-1.0)
+  with pytest.raises(ValueError, match="max_matvecs must be an int >= num"):
+    tx = anisonoise.leading_noise(3, batch_size=4, max_matvecs=5)
+    tx.update(params, tx.init(params), params, loss_fn=loss_fn, batch=batch)
   with pytest.raises(ValueError, match="max_matvecs"):
     anisonoise.hessian_eigvec_noise(batch_size=4, max_matvecs=0)

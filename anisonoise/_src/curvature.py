@@ -45,6 +45,14 @@ Matvec = Callable[[Params], Params]
 
 _UNROLL_LIMIT = 64
 
+# New Krylov directions a warm-started solve adds when the Rayleigh-Ritz
+# step on its start block already meets ``tol`` (a settled subspace, e.g. a
+# refresh near a minimum). They are a short Lanczos run on the complement of
+# the block, so an eigenvalue that has risen above the block's (the
+# complement's extreme one) still enters; the rest of the budget is not
+# spent.
+SETTLED_DIRECTIONS = 4
+
 
 def default_lanczos_unroll(num_iters: int) -> bool:
   """Unroll the Krylov recursion on a CPU up to ``_UNROLL_LIMIT`` steps
@@ -315,35 +323,54 @@ class _Recycled(NamedTuple):
   images: jax.Array     # (m, D) A u_j
 
 
-def _recycled_cycle(mv, block: jax.Array, key: jax.Array, num_iters: int,
-                    unroll: bool, images: jax.Array | None = None
-                    ) -> _Recycled:
-  """Rayleigh-Ritz on ``[block, K]``: the ``b`` rows of ``block`` (for
-  instance a previous solve's eigenvectors) and ``num_iters - b`` Krylov
-  directions grown from their block residual, ``num_iters`` products in
-  all. Subspace recycling: a refresh keeps what earlier refreshes found, so
-  that along a slowly changing operator the accuracy builds up across
-  refreshes instead of starting over. With ``images`` (``A block``, known
-  for Ritz vectors of the same operator: a restart) the block is taken as
-  orthonormal and costs no product."""
+def _rayleigh_ritz(mv, block: jax.Array, key: jax.Array) -> _Recycled:
+  """The Ritz pairs of ``A`` on the span of ``block``'s rows (orthonormalised
+  in order; a zero row, an empty cache, gets a random direction instead):
+  ``b`` products."""
   b, dim = block.shape
-  rand = jax.random.normal(key, (b + 1, dim), block.dtype)
-  basis = jnp.zeros((num_iters, dim), block.dtype)
-  if images is None:
-    # A zero block row (an empty cache) gets a random direction instead.
-    for i in range(b):
-      row = jnp.where(jnp.linalg.norm(block[i]) > 0, block[i], rand[i])
-      basis = basis.at[i].set(_orthogonalise(basis, row))
-    av = jax.lax.map(mv, basis[:b])
+  rand = jax.random.normal(key, (b, dim), block.dtype)
+  basis = jnp.zeros((b, dim), block.dtype)
+  for i in range(b):
+    row = jnp.where(jnp.linalg.norm(block[i]) > 0, block[i], rand[i])
+    basis = basis.at[i].set(_orthogonalise(basis, row))
+  return _ritz_pairs(basis, jax.lax.map(mv, basis))
+
+
+def _ritz_pairs(basis: jax.Array, images: jax.Array) -> _Recycled:
+  t = basis @ images.T
+  evals, evecs = jnp.linalg.eigh(0.5 * (t + t.T))
+  evals, evecs = evals[::-1], evecs[:, ::-1]
+  u = evecs.T @ basis
+  au = evecs.T @ images
+  res = jnp.linalg.norm(au - evals[:, None] * u, axis=1)
+  return _Recycled(evals, u, res, au)
+
+
+def _recycled_cycle(mv, pairs: _Recycled, key: jax.Array, num_iters: int,
+                    unroll: bool, random_start: bool = False) -> _Recycled:
+  """Rayleigh-Ritz on ``[V, K]``: the ``b`` Ritz vectors ``V`` of ``pairs``
+  (orthonormal, their images known, so they cost no product) and
+  ``num_iters - b`` Krylov directions grown from their block residual.
+  Subspace recycling: a refresh keeps what earlier refreshes found, so
+  that along a slowly changing operator the accuracy builds up across
+  refreshes instead of starting over. ``random_start``: the Krylov part
+  starts from a random direction instead (a Lanczos run on the complement
+  of ``V``, which finds its extreme eigenvalues first)."""
+  b, dim = pairs.vectors.shape
+  basis = jnp.zeros((num_iters + 1, dim), pairs.vectors.dtype)
+  basis = basis.at[:b].set(pairs.vectors)
+  images = jnp.zeros((num_iters, dim), pairs.vectors.dtype)
+  images = images.at[:b].set(pairs.images)
+  # The block residual A V - V diag(theta), summed, starts the Krylov part
+  # (where V drifts, the directions it drifts to), with a random part so
+  # that an invariant block still grows.
+  rand = jax.random.normal(key, (dim,), basis.dtype)
+  if random_start:
+    start = rand
   else:
-    basis = basis.at[:b].set(block)
-    av = images
-  images = jnp.zeros((num_iters, dim), block.dtype).at[:b].set(av)
-  # The block residual A V - V (V^T A V), summed, starts the Krylov part
-  # (a random direction is added so that an invariant block still grows).
-  resid = av - (av @ basis[:b].T) @ basis[:b]
-  start = jnp.sum(resid, axis=0)
-  start = start + 1e-3 * jnp.linalg.norm(start) * rand[b] / jnp.sqrt(dim)
+    start = jnp.sum(pairs.images - pairs.values[:, None] * pairs.vectors, 0)
+    start = start + 1e-3 * jnp.linalg.norm(start) * rand / jnp.sqrt(dim)
+    start = jnp.where(jnp.linalg.norm(start) > 0, start, rand)
   basis = basis.at[b].set(_orthogonalise(basis, start))
 
   def step(j, carry):
@@ -354,21 +381,13 @@ def _recycled_cycle(mv, block: jax.Array, key: jax.Array, num_iters: int,
     basis = basis.at[j + 1].set(jnp.where(j + 1 < num_iters, nxt, 0.0))
     return basis, images
 
-  carry = (jnp.concatenate([basis, jnp.zeros((1, dim), basis.dtype)]),
-           images)
+  carry = (basis, images)
   if unroll:
     for j in range(b, num_iters):
       carry = step(j, carry)
   else:
     carry = jax.lax.fori_loop(b, num_iters, step, carry)
-  basis, images = carry[0][:num_iters], carry[1]
-  t = basis @ images.T
-  evals, evecs = jnp.linalg.eigh(0.5 * (t + t.T))
-  evals, evecs = evals[::-1], evecs[:, ::-1]
-  u = evecs.T @ basis
-  au = evecs.T @ images
-  res = jnp.linalg.norm(au - evals[:, None] * u, axis=1)
-  return _Recycled(evals, u, res, au)
+  return _ritz_pairs(carry[0][:num_iters], carry[1])
 
 
 def top_eigenpairs(
@@ -425,7 +444,10 @@ def top_eigenpairs(
       plus ``num_iters - b`` Krylov directions grown from their residual,
       ``num_iters`` products per cycle. Along a slowly changing operator
       (a training trajectory) the accuracy accumulates from solve to
-      solve.
+      solve. With a ``tol`` and ``b >= k``, a block whose own Ritz pairs
+      already meet it (a settled subspace) gets only
+      ``SETTLED_DIRECTIONS`` (4) new directions, ``b + 4`` products in
+      all.
     unroll: unroll each cycle at trace time (``True``) or use
       ``lax.fori_loop`` (``False``); ``None`` unrolls up to 64 steps on a
       CPU and loops elsewhere. Restarts run in a ``lax.while_loop`` under
@@ -541,36 +563,57 @@ def _warn_unconverged(tol, converged, ritz, k, check, used) -> None:
 
 def _recycled_eigenpairs(mv, unravel, init_subspace, k, key, num_iters, tol,
                          max_matvecs, unroll, dtype) -> EigenResult:
-  """:func:`top_eigenpairs` warm-started from ``init_subspace``: recycled
-  cycles (:func:`_recycled_cycle`) until the tolerance or the budget."""
+  """:func:`top_eigenpairs` warm-started from ``init_subspace``: a
+  Rayleigh-Ritz step on it (``b`` products); then, if its top ``k`` pairs
+  already meet ``tol`` (a settled subspace), :data:`SETTLED_DIRECTIONS`
+  new Krylov directions only, else recycled cycles
+  (:func:`_recycled_cycle`) until the tolerance or the budget."""
   block = jax.vmap(lambda t: ravel_pytree(t)[0])(init_subspace).astype(dtype)
-  b = block.shape[0]
+  b, dim = block.shape
   if not 1 <= b < num_iters:
     raise ValueError(f"init_subspace holds {b} vectors; it needs 1 <= b <"
                      f" num_iters={num_iters}.")
-  keys = jax.random.split(key, 2)
-  ritz = _recycled_cycle(mv, block, keys[0], num_iters, unroll)
-  used = jnp.asarray(num_iters, jnp.int32)
+  keys = jax.random.split(key, 3)
+  pairs = _rayleigh_ritz(mv, block, keys[0])
   check = 1e-3 if tol is None else tol
   # Restarts keep k plus half of the rest, as the thick restart does; their
   # images are known, so a restart costs num_iters - keep products.
   keep = max(b, min(num_iters - 1, k + (num_iters - k) // 2))
-  if tol is not None:
-    def more(carry):
-      ritz, used, _ = carry
-      return ((~_converged(ritz, k, tol))
-              & (used + num_iters - keep <= max_matvecs))
+  eager = _is_concrete(pairs.values)
 
-    def cycle(carry):
-      ritz, used, key = carry
-      key, sub = jax.random.split(key)
-      ritz = _recycled_cycle(mv, ritz.vectors[:keep], sub, num_iters, unroll,
-                             images=ritz.images[:keep])
-      return ritz, used + num_iters - keep, key
+  def full(pairs):
+    ritz = _recycled_cycle(mv, pairs, keys[1], num_iters, unroll)
+    used = jnp.asarray(num_iters, jnp.int32)
+    if tol is not None:
+      def more(carry):
+        ritz, used, _ = carry
+        return ((~_converged(ritz, k, tol))
+                & (used + num_iters - keep <= max_matvecs))
 
-    ritz, used, _ = _restarts(more, cycle, (ritz, used, keys[1]),
-                              _is_concrete(ritz.values))
+      def cycle(carry):
+        ritz, used, key = carry
+        key, sub = jax.random.split(key)
+        ritz = _recycled_cycle(mv, jax.tree.map(lambda x: x[:keep], ritz),
+                               sub, num_iters, unroll)
+        return ritz, used + num_iters - keep, key
+
+      ritz, used, _ = _restarts(more, cycle, (ritz, used, keys[2]), eager)
+    return jax.tree.map(lambda x: x[:k], ritz), used
+
+  def settled(pairs):
+    size = min(num_iters, b + SETTLED_DIRECTIONS)
+    ritz = _recycled_cycle(mv, pairs, keys[1], size, unroll,
+                           random_start=True)
+    return (jax.tree.map(lambda x: x[:k], ritz),
+            jnp.asarray(size, jnp.int32))
+
+  if tol is None or b < k:
+    ritz, used = full(pairs)
+  elif eager:
+    ritz, used = (settled if bool(_converged(pairs, k, tol)) else full)(pairs)
+  else:
+    ritz, used = jax.lax.cond(_converged(pairs, k, tol), settled, full, pairs)
   converged = _converged(ritz, k, check)
   _warn_unconverged(tol, converged, ritz, k, check, used)
-  return EigenResult(ritz.values[:k], jax.vmap(unravel)(ritz.vectors[:k]),
-                     ritz.residuals[:k], used, converged)
+  return EigenResult(ritz.values, jax.vmap(unravel)(ritz.vectors),
+                     ritz.residuals, used, converged)

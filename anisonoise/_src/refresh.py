@@ -62,7 +62,8 @@ class LowRankFactor(NamedTuple):
 
   ``eigenvalues`` (``(k,)``, descending) and ``eigenvectors`` (params-like
   leaves with a leading ``k`` axis) are the eigenpairs of ``C`` (leading) or
-  ``H`` (Hessian) at the last refresh; ``residual_norms`` their residuals.
+  ``H`` (Hessian) at the last refresh; ``residual_norms`` their residuals
+  and ``num_matvecs`` the operator products that refresh's solve ran.
   The noise covariance is ``trace * sum_j c_j v_j v_j^T / sum_j c_j`` with
   ``c_j = max(lambda_j, 0)`` (and ``c = (1, 0, ...)`` for the
   1st-eigenvector noise).
@@ -72,6 +73,7 @@ class LowRankFactor(NamedTuple):
   eigenvalues: chex.Array
   eigenvectors: Params
   residual_norms: chex.Array
+  num_matvecs: chex.Array
 
 
 def _forward_fields(cls: type, factor_type: type) -> type:
@@ -110,8 +112,8 @@ class LowRankNoiseState(NamedTuple):
   """State of :func:`leading_noise`, :func:`hessian_noise` and
   :func:`hessian_eigvec_noise`: ``count``, ``rng_key``, ``num_rejected``
   and the cached :class:`LowRankFactor` (``state.trace``,
-  ``state.eigenvalues``, ``state.eigenvectors`` and
-  ``state.residual_norms`` read its fields)."""
+  ``state.eigenvalues``, ``state.eigenvectors``, ``state.residual_norms``
+  and ``state.num_matvecs`` read its fields)."""
 
   count: chex.Array
   rng_key: chex.PRNGKey
@@ -305,12 +307,13 @@ class Solver:
              else min(self.num_iters, d))
     solve = functools.partial(
         curvature.top_eigenpairs, operator, params, self.k, key=key,
-        num_iters=iters, tol=self.tol, max_matvecs=self.max_matvecs,
+        num_iters=iters, tol=self.tol,
+        max_matvecs=iters if self.max_matvecs is None else self.max_matvecs,
         unroll=curvature.lanczos_unroll(batch, chunk_size, iters))
     if iters == self.k:
       return solve()
     return jax.lax.cond(
-        jnp.any(old.residual_norms != 0) | jnp.any(old.eigenvalues != 0),
+        old.num_matvecs > 0,
         lambda: solve(init_subspace=old.eigenvectors), solve)
 
 
@@ -406,6 +409,7 @@ def low_rank_transform(
         jnp.zeros([k], dtype),
         jax.tree.map(lambda p: jnp.zeros((k, *jnp.shape(p)), p.dtype), params),
         jnp.zeros([k], dtype),
+        jnp.zeros([], jnp.int32),
     )
 
   def estimate(params, loss_fn, batch, key, old):
@@ -424,7 +428,8 @@ def low_rank_transform(
     target = magnitude.target(tr_c, batching.num_examples(batch))
     return LowRankFactor(target.astype(res.eigenvalues.dtype),
                          res.eigenvalues, res.eigenvectors,
-                         res.residual_norms)
+                         res.residual_norms,
+                         jnp.asarray(res.num_matvecs, jnp.int32))
 
   def draw(factor, key, params):
     del params
