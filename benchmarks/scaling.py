@@ -34,7 +34,7 @@ def sweep(configs, refresh, repeats, names):
     for name, (noise, _) in dynamics(refresh).items():
       if names and name not in names:
         continue
-      t = time_steps(loss_fn, params, batch, noise, refresh, repeats)
+      t = time_steps(loss_fn, params, batch, noise, refresh, repeats)[0]
       rows.append({"dynamics": name, "width": width, "D": d, "n": n,
                    "step_s": t})
       print(f"width {width:4d} (D={d:7d}) n={n:5d}  {name:18s} {t:.4f} s",
