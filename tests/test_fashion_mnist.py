@@ -231,9 +231,20 @@ def test_seeds_combine_into_mean_and_standard_error(tmp_path, tiny_run,
   acc = summary["table"]["SGD"]["test_acc"]
   # Two seeds a and a + 0.1: mean a + 0.05, standard error 0.05.
   assert f"| SGD | 4 | {acc + 0.05:.4f} +- 0.0500 |" in table
+  assert "Not run by every seed" not in table
   import matplotlib.image
   img = matplotlib.image.imread(os.path.join(combined, "fig3_seeds.png"))
   assert img.shape[1] > 2 * img.shape[0] and img.std() > 0.01
+  # A seed that has not run every dynamics yet: the others are combined,
+  # and the missing one is named.
+  del other["table"]["GD"], other["dynamics"]["GD"]
+  other["config"]["dynamics"] = [d for d in other["config"]["dynamics"]
+                                 if d != "GD"]
+  (d1 / "results.json").write_text(json.dumps(other))
+  study.main(["--combine", out, str(d1), "--out", combined])
+  table = open(os.path.join(combined, "seeds.md")).read()
+  assert "| GD |" not in table and f"| SGD | 4 | {acc + 0.05:.4f}" in table
+  assert "Not run by every seed (left out above): GD (seeds [0])." in table
   # Runs of different settings are refused.
   other["config"]["lr"] = 0.5
   (d1 / "results.json").write_text(json.dumps(other))

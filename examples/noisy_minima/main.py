@@ -119,7 +119,8 @@ def main(argv=None, dataset_default: str | None = None) -> None:
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "seeds.md"), "w") as f:
       f.write(table + "\n")
-    plots.plot_seeds(summaries, os.path.join(out, "fig3_seeds.png"))
+    plots.plot_seeds(summaries, train.common_dynamics(summaries),
+                     os.path.join(out, "fig3_seeds.png"))
     print(table)
     print(f"wrote {out}/seeds.md and fig3_seeds.png")
     return

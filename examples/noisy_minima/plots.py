@@ -230,12 +230,12 @@ def plot_collapse(result: dict, path: str) -> None:
   plt.close(fig)
 
 
-def plot_seeds(summaries: list[dict], path: str) -> None:
-  """Fig. 3 over seeds: the mean test accuracy of each dynamics against the
-  iteration after theta_GD, shaded one standard error, and the final test
-  accuracies as bars with their standard errors."""
+def plot_seeds(summaries: list[dict], names: list[str], path: str) -> None:
+  """Fig. 3 over seeds: the mean test accuracy of each dynamics in
+  ``names`` against the iteration after theta_GD, shaded one standard
+  error, and the final test accuracies as bars with their standard
+  errors."""
   plt = _plt()
-  names = list(summaries[0]["dynamics"])
   fig, axes = plt.subplots(1, 2, figsize=(14, 4.5))
   finals = []
   for i, name in enumerate(names):
