@@ -15,6 +15,7 @@ import peers  # noqa: E402
 import scaling  # noqa: E402
 import step_cost  # noqa: E402
 import trace_estimators  # noqa: E402
+import refresh_profile  # noqa: E402
 import warm_start  # noqa: E402
 
 
@@ -38,6 +39,16 @@ def test_step_cost_smoke(tmp_path, monkeypatch):
   assert "| GLD Hessian k=20 | 2 | default | 0 |" in md
   assert "| GLD Hessian k=20 | 2 | exact | 1 |" in md
   assert res["env"]["jax"]
+
+
+def test_refresh_profile_smoke(tmp_path, monkeypatch):
+  _run(refresh_profile, monkeypatch, "--n", "24", "--k", "4", "--repeats",
+       "1", "--out", str(tmp_path))
+  res = json.load(open(tmp_path / "refresh_profile_mlp.json"))
+  assert res["settled_products"] == 8 and res["solve_products"] == 8
+  assert len(res["seconds"]) == 8 and min(res["seconds"].values()) > 0
+  assert "| Tr(C), 8 probes |" in open(
+      tmp_path / "refresh_profile_mlp.md").read()
 
 
 def test_warm_start_smoke(tmp_path, monkeypatch):
