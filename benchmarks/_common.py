@@ -54,6 +54,21 @@ def timeit(fn, *args, repeats: int = 5, warmup: bool = True) -> float:
   return statistics.median(times)
 
 
+def gd(loss_fn, params, batch, steps, lr=0.1):
+  """``steps`` full-batch GD steps (one jitted scan)."""
+  if steps == 0:
+    return params
+
+  @jax.jit
+  def run(p, b):
+    def body(p, _):
+      g = jax.grad(lambda q: jnp.mean(loss_fn(q, b)))(p)
+      return jax.tree.map(lambda a, d: a - lr * d, p, g), None
+    return jax.lax.scan(body, p, None, length=steps)[0]
+
+  return jax.block_until_ready(run(params, batch))
+
+
 def lenet_images(n: int = 1200, seed: int = 0):
   """``(images (n, 28, 28, 1) in [-1, 1], labels, description)``.
 

@@ -41,25 +41,10 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 import anisonoise
-from _common import (environment, lenet_problem, mlp_problem, timeit,
+from _common import (environment, gd, lenet_problem, mlp_problem, timeit,
                      write_results)
 
 K = 20
-
-
-def gd(loss_fn, params, batch, steps, lr=0.1):
-  """``steps`` full-batch GD steps (one jitted scan)."""
-  if steps == 0:
-    return params
-
-  @jax.jit
-  def run(p, b):
-    def body(p, _):
-      g = jax.grad(lambda q: jnp.mean(loss_fn(q, b)))(p)
-      return jax.tree.map(lambda a, d: a - lr * d, p, g), None
-    return jax.lax.scan(body, p, None, length=steps)[0]
-
-  return jax.block_until_ready(run(params, batch))
 
 
 def solver(loss_fn, num_iters, tol=None, max_matvecs=None):

@@ -74,11 +74,7 @@ def main():
         k + curvature.SETTLED_DIRECTIONS, True, random_start=True)
 
   def orthonormalise(v):
-    rows = block(v)
-    basis = jnp.zeros_like(rows)
-    for i in range(rows.shape[0]):
-      basis = basis.at[i].set(curvature._orthogonalise(basis, rows[i]))
-    return basis
+    return curvature._orthonormal_rows(block(v), jax.random.key(0))
 
   parts = {
       "GD gradient": (lambda p, b: jax.grad(

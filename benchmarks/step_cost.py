@@ -101,11 +101,10 @@ def time_steps(loss_fn, params, batch, noise, steps, repeats, warm=0):
   for _ in range(warm):
     state = run(params, state, batch)[1]
   t = timeit(run, params, state, batch, repeats=repeats) / steps
-  after = run(params, state, batch)[1]
-  found = [s.num_matvecs for s in jax.tree.leaves(
-      after, is_leaf=lambda x: hasattr(x, "num_matvecs"))
-           if hasattr(s, "num_matvecs")]
-  return t, (int(found[0]) if found else None)
+  # The chain's first state is the noise's (its refresh's products).
+  noise_state = run(params, state, batch)[1][0] if noise else None
+  products = getattr(noise_state, "num_matvecs", None)
+  return t, None if products is None else int(products)
 
 
 def main():

@@ -35,7 +35,7 @@ import optax
 from jax.flatten_util import ravel_pytree
 
 import anisonoise
-from _common import environment, lenet_problem, write_results
+from _common import environment, gd, lenet_problem, write_results
 
 
 def tanh_mlp_problem(n=512, hidden=48, seed=0):
@@ -133,16 +133,6 @@ def trajectory(loss_fn, params, batch, k, lr, refresh_every, refreshes,
   return rows
 
 
-def gd(loss_fn, params, batch, lr, steps):
-  """``steps`` full-batch GD steps (where the trajectory starts)."""
-  step = jax.jit(lambda p, b: jax.tree.map(
-      lambda w, g: w - lr * g, p,
-      jax.grad(lambda q: jnp.mean(loss_fn(q, b)))(p)))
-  for _ in range(steps):
-    params = step(params, batch)
-  return params
-
-
 def markdown(res: dict) -> str:
   out = []
   for prob in res["problems"]:
@@ -207,7 +197,7 @@ def main():
     else:
       loss_fn, params, batch = lenet_problem(args.n or 1200)
       k, reference, label = 20, solver_reference, "LeNet, 1,200 images"
-    params = gd(loss_fn, params, batch, 0.07, args.skip)
+    params = gd(loss_fn, params, batch, args.skip, lr=0.07)
     rows = trajectory(loss_fn, params, batch, k, 0.07, args.refresh_every,
                       args.refreshes, reference, args.tol, args.max_matvecs)
     problems.append({

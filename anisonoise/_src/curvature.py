@@ -327,13 +327,20 @@ def _rayleigh_ritz(mv, block: jax.Array, key: jax.Array) -> _Recycled:
   """The Ritz pairs of ``A`` on the span of ``block``'s rows (orthonormalised
   in order; a zero row, an empty cache, gets a random direction instead):
   ``b`` products."""
+  basis = _orthonormal_rows(block, key)
+  return _ritz_pairs(basis, jax.lax.map(mv, basis))
+
+
+def _orthonormal_rows(block: jax.Array, key: jax.Array) -> jax.Array:
+  """``block``'s rows orthonormalised in order (CGS2); a zero row gets a
+  random direction instead."""
   b, dim = block.shape
   rand = jax.random.normal(key, (b, dim), block.dtype)
   basis = jnp.zeros((b, dim), block.dtype)
   for i in range(b):
     row = jnp.where(jnp.linalg.norm(block[i]) > 0, block[i], rand[i])
     basis = basis.at[i].set(_orthogonalise(basis, row))
-  return _ritz_pairs(basis, jax.lax.map(mv, basis))
+  return basis
 
 
 def _ritz_pairs(basis: jax.Array, images: jax.Array) -> _Recycled:
