@@ -306,3 +306,57 @@ def test_fashion_mnist_command_keeps_its_options(tmp_path):
   assert r.returncode == 2
   assert "unknown preset 'cpu' for fashion_mnist" in r.stderr
   assert "['paper', 'quick', 'long', 'long_authors', 'tiny']" in r.stderr
+
+
+def test_time_limit_stops_cleanly_and_the_next_call_goes_on(
+    tmp_path, data_dir, tiny_run, capsys):
+  """``time_limit``: no new segment after it; everything run so far is in
+  the checkpoints, and the same call without the limit ends where an
+  uninterrupted run ends. On the command line: exit status 3."""
+  _, reference = tiny_run
+  cfg = dataclasses.replace(TINY, dynamics=("GD",))
+  out = str(tmp_path / "limited")
+  with pytest.raises(fm.TimeLimit, match="GD to theta_GD: stopped at step 0"):
+    fm.run(out, cfg, data_dir=data_dir, plot=False, time_limit=0)
+  assert os.listdir(os.path.join(out, "checkpoints")) == ["gd.msgpack"]
+  assert not os.path.exists(os.path.join(out, "results.json"))
+  done = fm.run(out, cfg, data_dir=data_dir, plot=False, time_limit=600)
+  assert done["gd"] == reference["gd"]
+  assert done["dynamics"]["GD"] == reference["dynamics"]["GD"]
+  with pytest.raises(SystemExit) as exc:
+    study.main(["--preset", "tiny", "--out", str(tmp_path / "cli"),
+                "--data-dir", data_dir, "--dynamics", "GD", "--time-limit",
+                "0"], dataset_default="fashion_mnist")
+  assert exc.value.code == study.TIME_LIMIT_STATUS == 3
+  assert "Run the same command again to go on." in capsys.readouterr().err
+
+
+@pytest.mark.slow  # six processes: two minutes on one core
+def test_long_runs_script_resumes_across_calls(tmp_path, data_dir):
+  """``long_runs.sh``: a call whose time is up exits with status 3 having
+  run nothing; the next call runs the preset pass and the full pass
+  (``STEPS``) of every seed and combines the seeds."""
+  import subprocess
+  script = os.path.join(EXAMPLES, "noisy_minima", "long_runs.sh")
+  env = dict(os.environ, PRESETS="tiny", SEEDS="0 1")
+  out = str(tmp_path / "runs")
+  args = ["bash", script, out]
+  opts = ["6", "--data-dir", data_dir, "--dynamics", "GD"]
+  r = subprocess.run(args + ["0"] + opts, env=env, capture_output=True,
+                     text=True, timeout=120)
+  assert r.returncode == 3, r.stderr
+  assert "time limit reached before tiny seed 0" in r.stdout
+  r = subprocess.run(args + ["600"] + opts, env=env, capture_output=True,
+                     text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert "every run finished" in r.stdout
+  for seed in (0, 1):
+    with open(os.path.join(out, "tiny", f"seed{seed}", "results.json")) as f:
+      res = json.load(f)
+    assert res["table"]["GD"]["steps"] == 6 and res["config"]["seed"] == seed
+  table = open(os.path.join(out, "tiny", "seeds.md")).read()
+  assert "seeds [0, 1]" in table and "| GD | 6 |" in table
+  r = subprocess.run(["bash", script], capture_output=True, text=True)
+  assert r.returncode == 2
+  assert "usage: bash" in r.stderr
+  assert "long_runs.sh OUT_DIR SECONDS" in r.stderr

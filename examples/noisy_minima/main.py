@@ -16,7 +16,9 @@ Usage:
 
 Outputs in ``--out``: ``results.json``, ``table.md``, the figures,
 ``theta_gd.msgpack`` and ``checkpoints/`` (a killed run started again with
-the same arguments resumes from its last checkpoint).
+the same arguments resumes from its last checkpoint; ``--time-limit``
+stops one cleanly, for machines lent for a few minutes at a time, and
+``long_runs.sh`` drives the Fashion-MNIST long runs that way).
 """
 
 from __future__ import annotations
@@ -45,6 +47,10 @@ DATA_HELP = {
 }
 
 
+# The exit status of a run stopped by --time-limit (resumable).
+TIME_LIMIT_STATUS = 3
+
+
 def parse_args(argv=None, dataset_default: str | None = None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--dataset", default=dataset_default,
@@ -69,6 +75,10 @@ def parse_args(argv=None, dataset_default: str | None = None):
                       " test_32x32.mat[:25000]; default) or the standard one")
   parser.add_argument("--restart", action="store_true",
                       help="discard checkpoints in --out")
+  parser.add_argument("--time-limit", type=float, default=None,
+                      metavar="SECONDS", help="start no new segment of steps"
+                      " after SECONDS; exit with status 3, everything done in"
+                      " the checkpoints (the same command again resumes)")
   parser.add_argument("--combine", nargs="+", metavar="RUN_DIR",
                       help="join finished runs of one study with different"
                       " seeds: seeds.md (mean +- standard error) and"
@@ -147,9 +157,13 @@ def main(argv=None, dataset_default: str | None = None) -> None:
     return
   try:
     cfg = config_from_args(args)
-    summary = train.run(out, cfg, args.seed, args.data_dir, args.restart)
+    summary = train.run(out, cfg, args.seed, args.data_dir, args.restart,
+                        time_limit=args.time_limit)
   except (data.DataError, train.ConfigMismatch, ValueError) as e:
     parser.exit(2, f"error: {e}\n")
+  except train.TimeLimit as e:
+    parser.exit(TIME_LIMIT_STATUS, f"{e} Run the same command again to go"
+                " on.\n")
   print(train.markdown_table(summary))
   print("\nseconds:", {k: round(v, 1) for k, v in summary["timings"].items()})
   print(f"wrote {out}/results.json, table.md and figures in"

@@ -217,6 +217,16 @@ def _on_checkpoint(path: str) -> None:
   """Hook called after every checkpoint (tests use it to kill a run)."""
 
 
+class TimeLimit(Exception):
+  """The run reached its deadline; its checkpoints hold everything done so
+  far, and the same call again resumes from them."""
+
+
+def _check_time(deadline: float | None, where: str) -> None:
+  if deadline is not None and time.monotonic() >= deadline:
+    raise TimeLimit(f"time limit reached; {where}.")
+
+
 # --------------------------------------------------------------------------
 # Measurements
 # --------------------------------------------------------------------------
@@ -313,9 +323,12 @@ def schedule(total: int, every: int, early: int = 0,
 def _run_phase(
     name: str, path: str, config: dict, carry, advance: Callable,
     total: int, points: list[int], evaluate: Callable, bar,
+    deadline: float | None = None,
 ):
   """Steps ``carry`` to ``total``, evaluating at ``points`` and saving a
-  checkpoint after each evaluation; resumes from ``path`` if present."""
+  checkpoint after each evaluation; resumes from ``path`` if present.
+  Raises :class:`TimeLimit` instead of starting a segment past
+  ``deadline`` (a ``time.monotonic()`` value)."""
   history: list[dict] = []
   t = 0
   restored = load_checkpoint(path, carry)
@@ -339,6 +352,8 @@ def _run_phase(
   for p in points:
     if p <= t:
       continue
+    _check_time(deadline, f"{name}: stopped at step {t} of {total} (its"
+                f" checkpoint: {path})")
     bar.set_description(name)
     while t < p:
       length = min(p - t, chunk)
@@ -361,9 +376,14 @@ def slug(name: str) -> str:
 
 def run(out: str, cfg: configs.Config, seed: int = 0,
         data_dir: str | None = None, restart: bool = False,
-        plot: bool = True) -> dict:
+        plot: bool = True, time_limit: float | None = None) -> dict:
   """Runs (or resumes) a study; returns the summary written to
-  ``results.json`` (plus ``timings``, seconds per phase)."""
+  ``results.json`` (plus ``timings``, seconds per phase).
+
+  With ``time_limit`` (seconds), no new segment of steps starts after it:
+  :class:`TimeLimit` is raised at the first evaluation past it, everything
+  run so far is in the checkpoints, and the same call again goes on (for
+  machines lent for a few minutes at a time)."""
   from tqdm import tqdm
 
   configs.check(cfg)
@@ -382,6 +402,7 @@ def run(out: str, cfg: configs.Config, seed: int = 0,
       os.remove(os.path.join(ckpt, f))
   os.makedirs(ckpt, exist_ok=True)
   timings: dict[str, float] = {}
+  deadline = None if time_limit is None else time.monotonic() + time_limit
 
   data = input_pipeline.load(cfg, data_dir, seed)
   train_batch, test_batch = data.train, data.test
@@ -412,12 +433,13 @@ def run(out: str, cfg: configs.Config, seed: int = 0,
         {"phase": "gd", **gd_config}, params0,
         lambda p, t, length: gd_advance(p, t, train_batch, length=length),
         cfg.gd_steps, schedule(cfg.gd_steps, cfg.gd_eval_every), lambda p, t:
-        evaluate(p, t, sharp_every=cfg.gd_sharpness_every), bar)
+        evaluate(p, t, sharp_every=cfg.gd_sharpness_every), bar, deadline)
   timings["gd"] = time.perf_counter() - t0
   save_checkpoint(os.path.join(out, "theta_gd.msgpack"), theta_gd,
                   {"config": config, "t": cfg.gd_steps})
 
   # ---- Fig. 5 left: the Hessian spectrum at theta_GD ---------------------
+  _check_time(deadline, "theta_GD is saved, the spectrum not computed")
   t0 = time.perf_counter()
   spectrum = _spectrum(cfg, seed, loss_fn, theta_gd, train_batch,
                        os.path.join(ckpt, "spectrum.json"), gd_config)
@@ -467,7 +489,7 @@ def run(out: str, cfg: configs.Config, seed: int = 0,
           {"phase": name, **dyn_config}, carry,
           lambda c, t, length, advance=advance: advance(
               c, t, train_batch, length=length),
-          total, points, ev, bar)
+          total, points, ev, bar, deadline)
     # A checkpoint run further than asked: report up to ``total``.
     results[name] = [r for r in history if r["step"] <= total]
     timings[name] = time.perf_counter() - t0
