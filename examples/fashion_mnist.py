@@ -6,8 +6,9 @@ Usage:
   python examples/fashion_mnist.py --preset paper --out results/fmnist-paper
 
 Takes every option of ``examples/noisy_minima/main.py`` (``--preset``,
-``--out``, ``--seed``, ``--data-dir``, ``--steps``, ``--dynamics``,
-``--restart``), with ``--dataset fashion_mnist``.
+``--out``, ``--seed``, ``--data-dir``, ``--steps``, ``--lr``,
+``--dynamics``, ``--restart``, ``--time-limit``), with ``--dataset
+fashion_mnist``.
 """
 
 import os

@@ -66,6 +66,9 @@ def parse_args(argv=None, dataset_default: str | None = None):
       f"{k}: {v}" for k, v in DATA_HELP.items()))
   parser.add_argument("--steps", type=int, default=None,
                       help="override the preset's steps per dynamics")
+  parser.add_argument("--lr", type=float, default=None,
+                      help="override the dynamics' learning rate (the GD"
+                      " phase to theta_GD keeps the preset's gd_lr)")
   parser.add_argument("--dynamics", nargs="+", default=None,
                       help=f"a subset of {list(anisonoise.DYNAMICS)}")
   parser.add_argument("--chunk-size", type=int, default=None,
@@ -99,7 +102,8 @@ def config_from_args(args) -> configs.Config:
   cfg = configs.get_config(args.dataset, preset)
   if args.steps is not None:  # every dynamics, the preset's own included
     cfg = dataclasses.replace(cfg, dynamics_steps=())
-  overrides = {"steps": args.steps, "chunk_size": args.chunk_size,
+  overrides = {"steps": args.steps, "lr": args.lr,
+               "chunk_size": args.chunk_size,
                "svhn_split": args.svhn_split,
                "dynamics": tuple(args.dynamics) if args.dynamics else None}
   return dataclasses.replace(

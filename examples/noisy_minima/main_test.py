@@ -104,3 +104,16 @@ def test_tx_comes_from_the_library_table():
   for name in anisonoise.DYNAMICS:
     tx = train.make_tx(name, cfg, seed=0)
     assert hasattr(tx, "update"), name
+
+
+def test_command_line_overrides_reach_the_config():
+  """``--lr``, ``--steps`` and ``--dynamics`` override the preset; the GD
+  phase to theta_GD keeps the preset's own learning rate."""
+  _, args = main.parse_args(["--preset", "long", "--lr", "0.01", "--steps",
+                             "500", "--dynamics", "SGD", "GD"],
+                            dataset_default="fashion_mnist")
+  cfg = main.config_from_args(args)
+  preset = configs.PRESETS["fashion_mnist"]["long"]
+  assert (cfg.lr, cfg.gd_lr, cfg.steps) == (0.01, preset.gd_lr, 500)
+  assert cfg.dynamics == ("SGD", "GD") and cfg.dynamics_steps == ()
+  assert cfg.steps_of("SGD") == 500
