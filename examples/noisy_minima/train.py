@@ -745,11 +745,13 @@ def seeds_table(summaries: list[dict]) -> str:
   """The final values of several seeds of one study, as mean +- standard
   error of the mean, in markdown, for the dynamics every seed has run (the
   others are named below the table); refuses runs of different settings."""
-  keys = {k: v for k, v in summaries[0]["config"].items()
-          if k not in ("seed", "dynamics")}
+  def settings(summary):
+    return {k: v for k, v in summary["config"].items()
+            if k not in ("seed", "dynamics")}
+
+  keys = settings(summaries[0])
   for s in summaries[1:]:
-    other = {k: v for k, v in s["config"].items()
-             if k not in ("seed", "dynamics")}
+    other = settings(s)
     if other != keys:
       diff = sorted(k for k in set(keys) | set(other)
                     if keys.get(k) != other.get(k))
@@ -765,7 +767,8 @@ def seeds_table(summaries: list[dict]) -> str:
           "| dynamics | steps | test acc | test acc - theta_GD's |"
           " train acc (corrupted subset) | expected sharpness |",
           "|---|---|---|---|---|---|"]
-  for name in common_dynamics(summaries):
+  common = common_dynamics(summaries)
+  for name in common:
     t = [s["table"][name] for s in summaries]
     steps = sorted({r["steps"] for r in t})
     acc = _mean_sem([r["test_acc"] for r in t])
@@ -777,11 +780,12 @@ def seeds_table(summaries: list[dict]) -> str:
         f"| {name} | {'/'.join(map(str, steps))} | {acc[0]:.4f} +-"
         f" {acc[1]:.4f} | {gain[0]:+.4f} +- {gain[1]:.4f} | {corr[0]:.3f} +-"
         f" {corr[1]:.3f} | {sharp[0]:.3g} +- {sharp[1]:.2g} |")
-  common = set(common_dynamics(summaries))
   partial = {name: [s["config"]["seed"] for s in summaries
                     if name in s["table"]]
-             for s0 in summaries for name in s0["table"] if name not in common}
+             for name in dict.fromkeys(n for s in summaries
+                                       for n in s["table"])
+             if name not in common}
   if partial:
     rows += ["", "Not run by every seed (left out above): " + "; ".join(
-        f"{name} (seeds {seeds})" for name, seeds in partial.items()) + "."]
+        f"{name} (seeds {ran})" for name, ran in partial.items()) + "."]
   return "\n".join(rows)
