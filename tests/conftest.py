@@ -6,6 +6,7 @@ fixture (``pytestmark = pytest.mark.usefixtures("x64")`` for a module).
 """
 
 import gzip
+import os
 import struct
 
 import jax
@@ -13,6 +14,34 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
+
+
+@pytest.fixture(scope="session", autouse=True)
+def compilation_cache(tmp_path_factory):
+  """One persistent compilation cache for the session, subprocesses included.
+
+  The study's tests run the same small programs many times over (each run
+  builds its jitted functions anew); from the cache a repeated tiny
+  Fashion-MNIST run took 2.4 s against 12.6 s compiling again.
+  """
+  path = str(tmp_path_factory.mktemp("jax_cache"))
+  settings = {"jax_compilation_cache_dir": path,
+              "jax_persistent_cache_min_compile_time_secs": 0,
+              "jax_persistent_cache_min_entry_size_bytes": -1}
+  saved = {name: getattr(jax.config, name) for name in settings}
+  env = {name.upper(): str(value) for name, value in settings.items()}
+  saved_env = {name: os.environ.get(name) for name in env}
+  for name, value in settings.items():
+    jax.config.update(name, value)
+  os.environ.update(env)
+  yield path
+  for name, value in saved.items():
+    jax.config.update(name, value)
+  for name, value in saved_env.items():
+    if value is None:
+      os.environ.pop(name, None)
+    else:
+      os.environ[name] = value
 
 
 @pytest.fixture

@@ -251,6 +251,22 @@ def test_seeds_combine_into_mean_and_standard_error(tmp_path, tiny_run,
   with pytest.raises(SystemExit):
     study.main(["--combine", out, str(d1), "--out", combined])
   assert "runs differ in ['lr']" in capsys.readouterr().err
+  # A run stored before a setting existed has that setting's default: the
+  # tiny preset's 8 stability iterations differ from it, the default not.
+  other["config"]["lr"] = summary["config"]["lr"]
+  del other["config"]["stability_iters"]
+  (d1 / "results.json").write_text(json.dumps(other))
+  with pytest.raises(SystemExit):
+    study.main(["--combine", out, str(d1), "--out", combined])
+  assert "runs differ in ['stability_iters']" in capsys.readouterr().err
+  d0 = tmp_path / "seed0"
+  d0.mkdir()
+  mine = json.loads(json.dumps({k: v for k, v in summary.items()
+                                if k != "timings"}))
+  mine["config"]["stability_iters"] = configs.Config().stability_iters
+  (d0 / "results.json").write_text(json.dumps(mine))
+  study.main(["--combine", str(d0), str(d1), "--out", combined])
+  assert "seeds [0, 1]" in open(os.path.join(combined, "seeds.md")).read()
 
 
 def test_collapse_replays_the_first_steps_with_their_curvature(

@@ -59,6 +59,7 @@ class Config:
   lanczos_iters: int | None = None  # None: the transforms' default
   diag_lanczos_iters: int = 30      # (lambda_1, u_1) of the projection coef.
   stability_batches: int = 0   # minibatch Hessians' lambda_1 at theta_GD
+  stability_iters: int = 40    # Lanczos iterations for each of them
   dynamics: tuple[str, ...] = anisonoise.DYNAMICS
 
   def refresh_every(self, name: str) -> int:
@@ -155,7 +156,7 @@ PRESETS: dict[str, dict[str, Config]] = {
             early_steps=2, early_eval_every=2, eval_every=2,
             sharpness_every=2, sharpness_samples=4, spectrum_eigs=4,
             spectrum_iters=8, diag_every=2, diag_samples=2, lanczos_iters=4,
-            diag_lanczos_iters=4, stability_batches=3,
+            diag_lanczos_iters=4, stability_batches=3, stability_iters=8,
             dynamics_steps=(("GD", 2),),
         ),
     },

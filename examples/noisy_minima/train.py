@@ -395,7 +395,8 @@ def run(out: str, cfg: configs.Config, seed: int = 0,
   # finished run asked for more steps goes on from where it stopped.
   dyn_config = {k: v for k, v in config.items()
                 if k not in ("dynamics", "spectrum_eigs", "spectrum_iters",
-                             "steps", "dynamics_steps", "stability_batches")}
+                             "steps", "dynamics_steps", "stability_batches",
+                             "stability_iters")}
   ckpt = os.path.join(out, "checkpoints")
   if restart and os.path.isdir(ckpt):
     for f in os.listdir(ckpt):
@@ -647,6 +648,7 @@ def _stability(cfg, seed, loss_fn, theta_gd, train_batch, corrupted, path,
   if not cfg.stability_batches:
     return None
   st_config = dict(gd_config, stability_batches=cfg.stability_batches,
+                   stability_iters=cfg.stability_iters,
                    batch_size=cfg.batch_size, lr=cfg.lr)
   return _cached(path, st_config, lambda: _compute_stability(
       cfg, seed, loss_fn, theta_gd, train_batch, corrupted))
@@ -663,7 +665,8 @@ def _compute_stability(cfg, seed, loss_fn, theta_gd, train_batch,
     idx, mini = draw_minibatch(base, i, n, cfg.batch_size, batch)
     spec = anisonoise.hessian_spectrum(
         loss_fn, params, mini, num_eigs=1, key=jax.random.fold_in(key, 1),
-        num_iters=min(40, sum(x.size for x in jax.tree.leaves(params))))
+        num_iters=min(cfg.stability_iters,
+                      sum(x.size for x in jax.tree.leaves(params))))
     return idx, spec.eigenvalues[0], spec.converged
 
   lams, counts, ok = [], [], True
@@ -745,8 +748,11 @@ def seeds_table(summaries: list[dict]) -> str:
   """The final values of several seeds of one study, as mean +- standard
   error of the mean, in markdown, for the dynamics every seed has run (the
   others are named below the table); refuses runs of different settings."""
+  # A setting added after a run was stored takes its default for that run.
+  defaults = dataclasses.asdict(configs.Config())
+
   def settings(summary):
-    return {k: v for k, v in summary["config"].items()
+    return {k: v for k, v in {**defaults, **summary["config"]}.items()
             if k not in ("seed", "dynamics")}
 
   keys = settings(summaries[0])
