@@ -6,7 +6,6 @@ fixture (``pytestmark = pytest.mark.usefixtures("x64")`` for a module).
 """
 
 import gzip
-import os
 import struct
 
 import jax
@@ -28,20 +27,11 @@ def compilation_cache(tmp_path_factory):
   settings = {"jax_compilation_cache_dir": path,
               "jax_persistent_cache_min_compile_time_secs": 0,
               "jax_persistent_cache_min_entry_size_bytes": -1}
-  saved = {name: getattr(jax.config, name) for name in settings}
-  env = {name.upper(): str(value) for name, value in settings.items()}
-  saved_env = {name: os.environ.get(name) for name in env}
-  for name, value in settings.items():
-    jax.config.update(name, value)
-  os.environ.update(env)
-  yield path
-  for name, value in saved.items():
-    jax.config.update(name, value)
-  for name, value in saved_env.items():
-    if value is None:
-      os.environ.pop(name, None)
-    else:
-      os.environ[name] = value
+  with pytest.MonkeyPatch.context() as patch:
+    for name, value in settings.items():
+      jax.config.update(name, value)
+      patch.setenv(name.upper(), str(value))
+    yield path
 
 
 @pytest.fixture
