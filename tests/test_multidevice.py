@@ -26,7 +26,7 @@ def results():
                       + " --xla_force_host_platform_device_count=8").strip()
   env["JAX_PLATFORMS"] = "cpu"
   env.pop("JAX_ENABLE_X64", None)
-  proc = subprocess.run([sys.executable, str(WORKER)], env=env,
+  proc = subprocess.run([sys.executable, str(WORKER), "--loop-krylov"], env=env,
                         capture_output=True, text=True, timeout=900,
                         check=False)
   assert proc.returncode == 0, proc.stderr[-4000:]
