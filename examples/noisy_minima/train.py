@@ -527,7 +527,7 @@ def run(out: str, cfg: configs.Config, seed: int = 0,
 @jax.jit
 def _distance(params, theta):
   """``||params - theta||`` over every leaf."""
-  return optax.global_norm(jax.tree.map(jnp.subtract, params, theta))
+  return optax.tree_utils.tree_norm(jax.tree.map(jnp.subtract, params, theta))
 
 
 def _cached(path: str, config: dict, compute: Callable[[], dict]) -> dict:
