@@ -68,6 +68,21 @@ def looped_krylov():
     yield
 
 
+def forced_devices_env(n=8):
+  """The environment for a subprocess that sees ``n`` forced CPU devices.
+
+  The device count is fixed when JAX starts, so multi-device tests run
+  their code in a subprocess; it inherits this process's environment
+  (``XLA_FLAGS`` included) with the device count appended, on the CPU,
+  in float32.
+  """
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "")
+                      + f" --xla_force_host_platform_device_count={n}").strip()
+  env.pop("JAX_ENABLE_X64", None)
+  return env
+
+
 @pytest.fixture
 def x64():
   """float64 switched on for one test (and off again after it)."""

@@ -79,13 +79,11 @@ def test_data_parallel_example_on_8_devices(tmp_path):
   format."""
   import subprocess
 
-  from conftest import write_fake_split
+  from conftest import forced_devices_env, write_fake_split
   write_fake_split(tmp_path, "train", 64)
   script = os.path.join(os.path.dirname(__file__), "..", "examples",
                         "data_parallel.py")
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "")
-                      + " --xla_force_host_platform_device_count=8").strip()
+  env = forced_devices_env(8)
   proc = subprocess.run(
       [sys.executable, script, "--steps", "3", "--n", "64", "--k", "2",
        "--refresh-every", "2", "--chunk-size", "16", "--data-dir",

@@ -9,23 +9,19 @@ pass) with Auto axes.
 """
 
 import json
-import os
 import pathlib
 import subprocess
 import sys
 
 import pytest
+from conftest import forced_devices_env
 
 WORKER = pathlib.Path(__file__).with_name("multidevice_worker.py")
 
 
 @pytest.fixture(scope="module")
 def results():
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "")
-                      + " --xla_force_host_platform_device_count=8").strip()
-  env["JAX_PLATFORMS"] = "cpu"
-  env.pop("JAX_ENABLE_X64", None)
+  env = forced_devices_env(8)
   proc = subprocess.run([sys.executable, str(WORKER), "--loop-krylov"], env=env,
                         capture_output=True, text=True, timeout=900,
                         check=False)
