@@ -24,9 +24,15 @@ from jax.flatten_util import ravel_pytree
 # on the 2-core CPU with a study on one core: 2,404 s at the default level,
 # 1,993 s at level 0 (the tiny VGG study, which runs more than it compiles,
 # went from 187 s to 207 s).
-_O0 = "--xla_backend_optimization_level=0"
-if _O0 not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_O0}".strip()
+def _with_xla_flag(env, flag):
+  """``env`` with ``flag`` appended to its ``XLA_FLAGS`` (once)."""
+  flags = env.get("XLA_FLAGS", "")
+  if flag not in flags:
+    env["XLA_FLAGS"] = f"{flags} {flag}".strip()
+  return env
+
+
+_with_xla_flag(os.environ, "--xla_backend_optimization_level=0")
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -77,10 +83,8 @@ def forced_devices_env(n=8):
   in float32.
   """
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "")
-                      + f" --xla_force_host_platform_device_count={n}").strip()
   env.pop("JAX_ENABLE_X64", None)
-  return env
+  return _with_xla_flag(env, f"--xla_force_host_platform_device_count={n}")
 
 
 @pytest.fixture
