@@ -213,6 +213,45 @@ def test_finished_dynamics_extends_from_its_checkpoint(tmp_path, data_dir,
   assert again["dynamics"]["GD"] == first["dynamics"]["GD"]
 
 
+def test_study_grows_one_dynamics_at_a_time(tmp_path, data_dir, tiny_run,
+                                            capsys):
+  """Naming one more dynamics keeps those an earlier call ran from the same
+  theta_GD in results.json, even without their checkpoints; from another
+  theta_GD or other settings they are dropped, and the message says so."""
+  _, reference = tiny_run
+  out = str(tmp_path / "grown")
+  fm.run(out, dataclasses.replace(TINY, dynamics=("GD",)), data_dir=data_dir,
+         plot=False)
+  os.remove(os.path.join(out, "checkpoints", "dyn_gd.msgpack"))
+  sgd = dataclasses.replace(TINY, dynamics=("SGD",))
+  grown = fm.run(out, sgd, data_dir=data_dir, plot=False)
+  assert list(grown["dynamics"]) == ["GD", "SGD"]
+  for name in ("GD", "SGD"):
+    assert grown["dynamics"][name] == reference["dynamics"][name], name
+  on_disk = json.load(open(os.path.join(out, "results.json")))
+  assert on_disk["config"]["dynamics"] == ["GD", "SGD"]
+  assert set(on_disk["table"]) == {"GD", "SGD"}
+  table = open(os.path.join(out, "table.md")).read()
+  assert "| GD |" in table and "| SGD |" in table
+  assert "dropping" not in capsys.readouterr().err
+
+  # Another theta_GD behind the stored GD: dropped, not mixed in.
+  on_disk["gd"][-1]["test_acc"] += 0.01
+  json.dump(on_disk, open(os.path.join(out, "results.json"), "w"))
+  again = fm.run(out, sgd, data_dir=data_dir, plot=False)
+  assert list(again["dynamics"]) == ["SGD"]
+  err = capsys.readouterr().err
+  assert "dropping ['GD']" in err and "GD history differs" in err
+
+  # Other settings (another lr): the earlier dynamics are dropped.
+  other = fm.run(out, dataclasses.replace(TINY, lr=TINY.lr / 2,
+                                          dynamics=("GLD const",)),
+                 data_dir=data_dir, plot=False)
+  assert list(other["dynamics"]) == ["GLD const"]
+  err = capsys.readouterr().err
+  assert "dropping ['SGD']" in err and "different settings" in err
+
+
 def test_seeds_combine_into_mean_and_standard_error(tmp_path, tiny_run,
                                                     capsys):
   out, summary = tiny_run

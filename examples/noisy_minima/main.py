@@ -70,7 +70,9 @@ def parse_args(argv=None, dataset_default: str | None = None):
                       help="override the dynamics' learning rate (the GD"
                       " phase to theta_GD keeps the preset's gd_lr)")
   parser.add_argument("--dynamics", nargs="+", default=None,
-                      help=f"a subset of {list(anisonoise.DYNAMICS)}")
+                      help=f"a subset of {list(anisonoise.DYNAMICS)};"
+                      " results.json keeps those an earlier call in --out"
+                      " ran from the same theta_GD")
   parser.add_argument("--chunk-size", type=int, default=None,
                       help="override the preset's examples per pass")
   parser.add_argument("--svhn-split", choices=("paper", "standard"),

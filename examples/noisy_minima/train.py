@@ -28,6 +28,7 @@ import functools
 import json
 import math
 import os
+import sys
 import time
 from typing import Callable
 
@@ -383,7 +384,12 @@ def run(out: str, cfg: configs.Config, seed: int = 0,
   With ``time_limit`` (seconds), no new segment of steps starts after it:
   :class:`TimeLimit` is raised at the first evaluation past it, everything
   run so far is in the checkpoints, and the same call again goes on (for
-  machines lent for a few minutes at a time)."""
+  machines lent for a few minutes at a time).
+
+  A study grows one dynamics at a time: dynamics already in ``out``'s
+  ``results.json`` from the same settings and theta_GD that ``cfg`` does
+  not name are kept in the new one (with a message, dropped when they are
+  not from the same theta_GD or ``restart`` is given)."""
   from tqdm import tqdm
 
   configs.check(cfg)
@@ -495,6 +501,16 @@ def run(out: str, cfg: configs.Config, seed: int = 0,
     results[name] = [r for r in history if r["step"] <= total]
     timings[name] = time.perf_counter() - t0
 
+  # Dynamics of an earlier call from the same theta_GD that this one does
+  # not name stay in results.json (their checkpoints may be gone).
+  kept, kept_steps = _earlier_dynamics(
+      os.path.join(out, "results.json"), dyn_config, gd_history, results,
+      restart)
+  results = {**kept, **results}
+  config["dynamics"] = list(results)
+  config["dynamics_steps"] += [p for p in kept_steps
+                               if p[0] not in dict(cfg.dynamics_steps)]
+
   summary = {
       "experiment": f"{cfg.dataset}_{cfg.model}",
       "config": config,
@@ -522,6 +538,34 @@ def run(out: str, cfg: configs.Config, seed: int = 0,
   with open(os.path.join(out, "timings.json"), "w") as f:
     json.dump(timings, f, indent=1)
   return summary
+
+
+def _earlier_dynamics(path: str, dyn_config: dict, gd_history: list,
+                      named: dict, restart: bool) -> tuple[dict, list]:
+  """The dynamics in an earlier ``results.json`` at ``path`` that are not in
+  ``named``, with their ``dynamics_steps`` entries, if that file comes from
+  the same settings and the same GD history (so the same theta_GD);
+  otherwise none, and a message names what the new file drops."""
+  if not os.path.exists(path):
+    return {}, []
+  with open(path) as f:
+    stored = json.load(f)
+  others = [n for n in stored.get("dynamics", {}) if n not in named]
+  if not others:
+    return {}, []
+  same = json.loads(json.dumps(dyn_config))
+  old_config = {k: v for k, v in stored.get("config", {}).items() if k in same}
+  why = ("--restart was given" if restart else
+         "it was written with different settings" if old_config != same else
+         "its GD history differs (another theta_GD)"
+         if stored.get("gd") != json.loads(json.dumps(gd_history)) else None)
+  if why:
+    print(f"{path}: dropping {others} from the earlier results, because {why};"
+          " run them again to have them back.", file=sys.stderr)
+    return {}, []
+  steps = [p for p in stored["config"].get("dynamics_steps", [])
+           if p[0] in others]
+  return {n: stored["dynamics"][n] for n in others}, steps
 
 
 @jax.jit
