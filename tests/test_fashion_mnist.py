@@ -243,6 +243,13 @@ def test_study_grows_one_dynamics_at_a_time(tmp_path, data_dir, tiny_run,
   err = capsys.readouterr().err
   assert "dropping ['GD']" in err and "GD history differs" in err
 
+  # An unreadable file (a run killed while writing it) is replaced.
+  with open(os.path.join(out, "results.json"), "w") as f:
+    f.write('{"dynamics": {"GD": [')
+  again = fm.run(out, sgd, data_dir=data_dir, plot=False)
+  assert list(again["dynamics"]) == ["SGD"]
+  assert "cannot be read" in capsys.readouterr().err
+
   # Other settings (another lr): the earlier dynamics are dropped.
   other = fm.run(out, dataclasses.replace(TINY, lr=TINY.lr / 2,
                                           dynamics=("GLD const",)),

@@ -548,8 +548,13 @@ def _earlier_dynamics(path: str, dyn_config: dict, gd_history: list,
   otherwise none, and a message names what the new file drops."""
   if not os.path.exists(path):
     return {}, []
-  with open(path) as f:
-    stored = json.load(f)
+  try:
+    with open(path) as f:
+      stored = json.load(f)
+  except json.JSONDecodeError as e:  # e.g. a run killed while writing it
+    print(f"{path} cannot be read ({e}); it is replaced by this call's"
+          " dynamics only.", file=sys.stderr)
+    return {}, []
   others = [n for n in stored.get("dynamics", {}) if n not in named]
   if not others:
     return {}, []
