@@ -388,8 +388,8 @@ def run(out: str, cfg: configs.Config, seed: int = 0,
 
   A study grows one dynamics at a time: dynamics already in ``out``'s
   ``results.json`` from the same settings and theta_GD that ``cfg`` does
-  not name are kept in the new one (with a message, dropped when they are
-  not from the same theta_GD or ``restart`` is given)."""
+  not name are kept in the new one; with another theta_GD or other
+  settings, or with ``restart``, they are dropped with a message."""
   from tqdm import tqdm
 
   configs.check(cfg)
