@@ -1,9 +1,18 @@
 """The documentation covers the public API (as optax checks its API docs)."""
 
+import inspect
 import os
+import posixpath
 import re
+import subprocess
+import sys
+
+import pytest
 
 import anisonoise
+import anisonoise.data
+import anisonoise.models
+import anisonoise.plotting
 
 DOCS = os.path.join(os.path.dirname(__file__), "..", "docs")
 
@@ -26,3 +35,40 @@ def test_every_tutorial_is_in_the_table_of_contents():
   for name in os.listdir(os.path.join(DOCS, "tutorials")):
     if name.endswith(".md"):
       assert f"tutorials/{name[:-3]}" in index, name
+
+
+# The names each module makes public: its ``__all__``, or for the
+# submodules, the functions and classes defined in them.
+def _public_names(module):
+  if hasattr(module, "__all__"):
+    return set(module.__all__)
+  return {name for name, value in vars(module).items()
+          if not name.startswith("_")
+          and (inspect.isroutine(value) or inspect.isclass(value))
+          and getattr(value, "__module__", None) == module.__name__}
+
+
+def test_built_site_documents_every_public_name(tmp_path):
+  """Builds the site (notebooks not executed, nitpicky, warnings are
+  errors) and reads its inventory: every public name of the four modules
+  is a documented object, and every reference resolves."""
+  pytest.importorskip("myst_nb")
+  out = tmp_path / "html"
+  proc = subprocess.run(
+      [sys.executable, "-m", "sphinx", "-n", "-W", "--keep-going", "-q",
+       "-b", "html", "-D", "nb_execution_mode=off", DOCS, str(out)],
+      capture_output=True, text=True, check=False)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  from sphinx.util.inventory import InventoryFile
+  with open(out / "objects.inv", "rb") as f:
+    inventory = InventoryFile.load(f, "", posixpath.join)
+  inventory = getattr(inventory, "data", inventory)  # a dict in Sphinx 9
+  documented = {name for role in ("py:function", "py:class", "py:data",
+                                  "py:exception")
+                for name in inventory.get(role, {})}
+  for module in (anisonoise, anisonoise.models, anisonoise.data,
+                 anisonoise.plotting):
+    missing = sorted(f"{module.__name__}.{name}"
+                     for name in _public_names(module)
+                     if f"{module.__name__}.{name}" not in documented)
+    assert not missing, f"not rendered in the API reference: {missing}"

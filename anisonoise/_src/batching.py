@@ -392,10 +392,10 @@ def map_chunks(
   """``fn`` on every entry along axis 0 of ``xs``, vmapped chunk by chunk.
 
   ``chunk_size`` entries are vectorised at once (``None``: all), which bounds
-  memory. Chunks are strided (:class:`ChunkPlan`), so a batch sharded along
-  its example axis stays sharded; the outputs come back in the order of
-  ``xs``. The chunks are looped over, one in memory at a time (see the
-  measurement above ``check_chunk_size``).
+  memory. Chunks are strided (chunk ``j`` holds entries ``j``,
+  ``j + num_chunks``, ...), so a batch sharded along its example axis stays
+  sharded; the outputs come back in the order of ``xs``. The chunks are
+  looped over, one in memory at a time.
 
   Args:
     fn: function of one entry (a pytree slice without the leading axis).

@@ -119,7 +119,7 @@ def covariance_diagonal(
     = \\frac{1}{n} \\mathbb E_z\\big[(G^\\top (z - \\bar z))^{\\odot 2}\\big]
 
   ``method="exact"`` forms the per-example gradients in chunks, subtracting
-  the mean gradient inside the chunk loop (:func:`centred_grad_fn`).
+  the mean gradient inside the chunk loop.
   ``method="hutchinson"`` averages ``(G^T (z - mean(z)))^2 / n`` over
   ``num_probes`` Rademacher weight vectors ``z`` on the examples: each probe
   is one backward pass (the cost of an SGD-noise draw), and no per-example
