@@ -34,6 +34,10 @@ nb_execution_mode = "force"
 nb_execution_raise_on_error = True
 nb_execution_timeout = 600
 nb_merge_streams = True
+# What a cell writes to stderr (XLA's "slow_operation_alarm" and other C++
+# logs, progress bars) is not part of the page; a cell that raises still
+# fails the build.
+nb_output_stderr = "remove"
 myst_enable_extensions = ["dollarmath", "amsmath"]
 
 autodoc_member_order = "bysource"
@@ -211,14 +215,36 @@ def _benchmark_tables() -> str:
   return "\n".join(parts)
 
 
+# The toy studies' committed results, rendered by each study's own
+# ``markdown_table`` (results page -> (program, result file)).
+_STUDY_TABLES = {
+    "fig2_table.md": ("fig2_toy", "examples/results/fig2/fig2.json"),
+    "fig4_table.md": ("fig4_one_hidden_layer",
+                      "examples/results/fig4/fig4.json"),
+}
+
+
+def _study_table(module: str, result: str) -> str:
+  path = os.path.join(ROOT, result)
+  if not os.path.exists(path):
+    return f"*Not committed yet: run the command above to write `{result}`.*\n"
+  sys.path.insert(0, os.path.join(ROOT, "examples"))
+  with open(path) as f:
+    summary = json.load(f)
+  return importlib.import_module(module).markdown_table(summary) + "\n"
+
+
 def _write_generated(app):
   out = os.path.join(app.srcdir, "_generated")
   os.makedirs(out, exist_ok=True)
-  text = _benchmark_tables()
-  path = os.path.join(out, "benchmark_tables.md")
-  if not os.path.exists(path) or open(path).read() != text:
-    with open(path, "w") as f:
-      f.write(text)
+  texts = {"benchmark_tables.md": _benchmark_tables()}
+  for name, (module, result) in _STUDY_TABLES.items():
+    texts[name] = _study_table(module, result)
+  for name, text in texts.items():
+    path = os.path.join(out, name)
+    if not os.path.exists(path) or open(path).read() != text:
+      with open(path, "w") as f:
+        f.write(text)
 
 
 # MathJax served from the site itself: the copy shipped by the PyPI package

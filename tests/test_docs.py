@@ -72,3 +72,18 @@ def test_built_site_documents_every_public_name(tmp_path):
                      for name in _public_names(module)
                      if f"{module.__name__}.{name}" not in documented)
     assert not missing, f"not rendered in the API reference: {missing}"
+
+
+def test_readme_training_loop_runs(tmp_path):
+  """The README's first Python block is a complete program: it runs."""
+  with open(os.path.join(DOCS, "..", "README.md")) as f:
+    readme = f.read()
+  block = re.search(r"```python\n(.*?)```", readme, re.S)
+  assert block, "README.md has no ```python block"
+  assert readme[:block.end()].count("\n") <= 60, "first example past line 60"
+  script = tmp_path / "readme_example.py"
+  script.write_text(block.group(1))
+  proc = subprocess.run([sys.executable, str(script)], capture_output=True,
+                        text=True, check=False)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  assert "loss after 100 steps" in proc.stdout
