@@ -185,34 +185,102 @@ def _public_name(app, env, node, contnode):
   return intersphinx.missing_reference(app, env, node, contnode)
 
 
-def _benchmark_tables() -> str:
-  """The benchmark tables, rendered from ``benchmarks/results/*.json`` by
-  each benchmark's own ``markdown`` function (never copied by hand)."""
+# The benchmark pages' sections: each result file of ``benchmarks/results``
+# under the question it answers, with a readable title.
+_BENCHMARK_SECTIONS = {
+    "step_cost": [
+        ("step_cost_lenet", "LeNet, every dynamics, refresh 1 and 10"),
+        ("step_cost_lenet_hessian_default",
+         "LeNet, the Hessian noises with their default estimator"),
+        ("step_cost_lenet_settled", "LeNet, a cold against a settled refresh"),
+        ("step_cost_mlp", "MLP 784-64-10, every dynamics, refresh 1 and 10"),
+        ("step_cost_mlp_hessian_default",
+         "MLP, the Hessian noises with their default estimator"),
+        ("step_cost_mlp_settled", "MLP, a cold against a settled refresh"),
+        ("refresh_profile_mlp", "MLP, where a settled refresh spends its time"),
+    ],
+    "estimators": [
+        ("trace_estimators", "The spread and cost of each Tr(C) estimator"),
+        ("warm_start_mlp", "MLP: cached eigenvalues along a GD trajectory"),
+        ("warm_start_mlp_s0_1e-2", "MLP from initialisation, tol 1e-2"),
+        ("warm_start_mlp_s0_none", "MLP from initialisation, no tol"),
+        ("warm_start_mlp_s2000_1e-2", "MLP after 2,000 GD steps, tol 1e-2"),
+        ("warm_start_mlp_s2000_none", "MLP after 2,000 GD steps, no tol"),
+        ("warm_start_lenet", "LeNet: cached eigenvalues along a GD trajectory"),
+    ],
+    "peers": [
+        ("peers", "Top-20 Hessian eigenpairs of the conv-free LeNet"),
+        ("peers_plain_conv", "The same on LeNet written with convolutions"),
+        ("solver_overhead", "Lanczos time beyond its matrix-vector products"),
+    ],
+    "memory": [
+        ("memory_n4096", "MLP (D = 2,035,210), n = 4,096"),
+        ("memory_n512", "MLP (D = 2,035,210), n = 512"),
+        ("gpu/memory", "The same on one H100"),
+    ],
+    "scaling": [
+        ("scaling", "Cost against D and n (MLPs, refresh 10)"),
+    ],
+    "gpu": [
+        ("gpu/step_cost_lenet", "LeNet, every dynamics, on one H100"),
+        ("gpu/scale", "VGG11, 5,000 images in chunks of 250, on one H100"),
+        ("scale_cpu", "VGG11, 32 images, on the 2-core CPU (partial)"),
+        ("scale_cpu_n4_chunk2",
+         "VGG11, GLD Hessian in chunks of 2, on the 2-core CPU"),
+        ("gpu/data_parallel",
+         "examples/data_parallel.py, LeNet with GLD Hessian, on one H100"),
+    ],
+}
+
+
+def _scalar_table(res: dict) -> str:
+  """A result file without a table of its own: its scalar entries."""
+  rows = [f"| `{key}` | {value:.4g} |" if isinstance(value, float)
+          else f"| `{key}` | {value} |"
+          for key, value in res.items()
+          if isinstance(value, (int, float, str))]
+  return "| entry | value |\n|---|---|\n" + "\n".join(rows)
+
+
+def _benchmark_table(name: str) -> str:
+  """One result file as markdown: by its benchmark's own ``markdown``
+  function where it has one (never copied by hand), else the table the
+  benchmark wrote next to it, else its scalar entries."""
   sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-  renderers = {"step_cost": "step_cost", "peers": "peers",
-               "memory": "memory", "scaling": "scaling", "scale": "scale",
-               "warm_start": "warm_start"}
-  parts = []
-  for where, title in (("", "On the 2-core CPU"),
-                       ("gpu", "On one NVIDIA H100")):
-    files = sorted(glob.glob(os.path.join(ROOT, "benchmarks", "results",
-                                          where, "*.json")))
-    section = []
-    for path in files:
-      name = os.path.splitext(os.path.basename(path))[0]
-      module = next((m for prefix, m in renderers.items()
-                     if name == prefix or name.startswith(prefix + "_")),
-                    None)
-      if module is None:
-        continue
-      with open(path) as f:
-        res = json.load(f)
-      table = importlib.import_module(module).markdown(res)
-      rel = os.path.relpath(path, ROOT)
-      section.append(f"### `{rel}`\n\n{table}\n")
-    if section:
-      parts.append(f"## {title}\n\n" + "\n".join(section))
-  return "\n".join(parts)
+  base = os.path.join(ROOT, "benchmarks", "results", name)
+  with open(base + ".json") as f:
+    res = json.load(f)
+  stem = os.path.basename(name)
+  module = next((m for m in ("step_cost", "peers", "memory", "scaling",
+                             "scale", "warm_start", "trace_estimators")
+                 if stem == m or stem.startswith(m + "_")), None)
+  if module is not None:
+    return importlib.import_module(module).markdown(res)
+  if os.path.exists(base + ".md"):
+    with open(base + ".md") as f:
+      return f.read()
+  return _scalar_table(res)
+
+
+def _benchmark_pages() -> dict[str, str]:
+  """``{section: markdown}``; a result file in no section gets its own."""
+  results = os.path.join(ROOT, "benchmarks", "results")
+  listed = {name for files in _BENCHMARK_SECTIONS.values()
+            for name, _ in files}
+  found = {os.path.relpath(p, results)[:-len(".json")]
+           for p in glob.glob(os.path.join(results, "**", "*.json"),
+                              recursive=True)}
+  sections = dict(_BENCHMARK_SECTIONS)
+  sections["other"] = [(name, name) for name in sorted(found - listed)]
+  pages = {}
+  for section, files in sections.items():
+    parts = [f"### {title}\n\n`benchmarks/results/{name}.json`\n\n"
+             f"{_benchmark_table(name)}\n"
+             for name, title in files if name in found]
+    pages[section] = "\n".join(parts)
+  if pages["other"]:  # listed in no section above: shown, not lost
+    pages["other"] = "## Other result files\n\n" + pages["other"]
+  return pages
 
 
 # The toy studies' committed results, rendered by each study's own
@@ -237,7 +305,8 @@ def _study_table(module: str, result: str) -> str:
 def _write_generated(app):
   out = os.path.join(app.srcdir, "_generated")
   os.makedirs(out, exist_ok=True)
-  texts = {"benchmark_tables.md": _benchmark_tables()}
+  texts = {f"benchmarks_{section}.md": text
+           for section, text in _benchmark_pages().items()}
   for name, (module, result) in _STUDY_TABLES.items():
     texts[name] = _study_table(module, result)
   for name, text in texts.items():
