@@ -4,7 +4,7 @@ Figs. 1, 6 (SVHN and CIFAR-10, VGG11), one protocol for all three.
 
 Presets (``configs.PRESETS``): ``paper`` is each study's full protocol
 (meant for a GPU; resumable anywhere); Fashion-MNIST's ``quick`` and the
-VGG studies' ``cpu`` are reduced runs for a 2-core CPU (the README says what
+VGG studies' ``cpu`` are reduced runs for a 2-core CPU (docs/reproducing.md says what
 they reduce); ``tiny`` exercises every code path in seconds.
 
 Usage:
