@@ -4,8 +4,8 @@ Figs. 1, 6 (SVHN and CIFAR-10, VGG11), one protocol for all three.
 
 Presets (``configs.PRESETS``): ``paper`` is each study's full protocol
 (meant for a GPU; resumable anywhere); Fashion-MNIST's ``quick`` and the
-VGG studies' ``cpu`` are reduced runs for a 2-core CPU (docs/reproducing.md says what
-they reduce); ``tiny`` exercises every code path in seconds.
+VGG studies' ``cpu`` are reduced runs for a 2-core CPU (docs/reproducing.md
+says what they reduce); ``tiny`` exercises every code path in seconds.
 
 Usage:
   python examples/noisy_minima/main.py --dataset fashion_mnist --preset quick
