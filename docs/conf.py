@@ -82,7 +82,7 @@ _INTERSPHINX = {
     "optax": "https://optax.readthedocs.io/en/latest/",
     "flax": "https://flax.readthedocs.io/en/latest/",
 }
-_FALLBACK_TARGETS = {
+_FALLBACK_TARGETS = {  # (name, role, page; "$" stands for the name)
     "python": [
         ("typing.Any", "py:data", "library/typing.html#$"),
         ("typing.NamedTuple", "py:function", "library/typing.html#$"),
@@ -166,7 +166,7 @@ def _write_fallback_inventories(app, config):
   import zlib
   os.makedirs(_INVENTORY_DIR, exist_ok=True)
   for name, targets in _FALLBACK_TARGETS.items():
-    lines = "".join(f"{obj} {role} 1 {uri} -\n"
+    lines = "".join(f"{obj} {role} 1 {uri.replace('$', obj)} -\n"
                     for obj, role, uri in targets)
     head = (f"# Sphinx inventory version 2\n# Project: {name}\n"
             "# Version: \n# The remainder of this file is compressed using "
