@@ -113,6 +113,7 @@ _FALLBACK_TARGETS = {  # (name, role, page; "$" stands for the name)
     ],
     "flax": [
         ("flax.nnx.Module", "py:class", "api_reference/flax.nnx/module.html#$"),
+        ("flax.nnx.Rngs", "py:class", "api_reference/flax.nnx/rnglib.html#$"),
         ("flax.nnx.Optimizer", "py:class",
          "api_reference/flax.nnx/training/optimizer.html#$"),
     ],
@@ -146,6 +147,7 @@ _PUBLIC_NAMES = {
     "optax._src.base.GradientTransformationExtraArgs":
         "optax.GradientTransformationExtraArgs",
     "flax.nnx.module.Module": "flax.nnx.Module",
+    "nnx.Rngs": "flax.nnx.Rngs",
 }
 
 
@@ -159,6 +161,19 @@ def _alias_in_union(app, what, name, obj, options, signature, annotation):
     return text and re.sub(r"TypeAliasForwardRef\('([^']+)'\)", r"\1", text)
 
   return fix(signature), fix(annotation)
+
+
+def _module_signature(app, what, name, obj, options, signature, annotation):
+  """Flax NNX modules show their ``__init__``'s arguments, not the
+  metaclass's ``(*args, **kwargs)``."""
+  if what != "class" or not signature or "*args" not in signature:
+    return None
+  import inspect
+  init = inspect.signature(obj.__init__)
+  params = list(init.parameters.values())[1:]  # without self
+  import re
+  text = str(init.replace(parameters=params))
+  return re.sub(r": '([^']+)'", r": \1", text), annotation  # unquoted
 
 
 def _write_fallback_inventories(app, config):
@@ -338,5 +353,6 @@ def setup(app):
   app.connect("config-inited", _write_fallback_inventories)
   app.connect("missing-reference", _public_name)
   app.connect("autodoc-process-signature", _alias_in_union)
+  app.connect("autodoc-process-signature", _module_signature, priority=400)
   app.connect("builder-inited", _write_generated)
   app.connect("build-finished", _copy_mathjax)
