@@ -68,8 +68,7 @@ class NoisyTrainState(train_state.TrainState):
     Zhu et al., ICML 2019, Eq. 7.
   """
 
-  def apply_gradients(self, *, grads, loss_fn: Callable | None = None,
-                      batch: Any = None, **kwargs):
+  def apply_gradients(self, *, grads, loss_fn=None, batch=None, **kwargs):
     """``TrainState.apply_gradients`` with ``loss_fn`` and ``batch`` passed
     to ``tx.update``.
 
@@ -174,7 +173,7 @@ class _FullParamsLoss:
 
 
 def with_full_params(
-    tx: optax.GradientTransformation,
+    tx: optax.GradientTransformationExtraArgs,
 ) -> optax.GradientTransformationExtraArgs:
   """Noise on a subset of the parameters, with the loss of all of them.
 
