@@ -53,6 +53,9 @@ from anisonoise._src.transforms import hessian_eigvec_noise
 from anisonoise._src.transforms import hessian_noise
 from anisonoise._src.transforms import isotropic_noise
 from anisonoise._src.transforms import leading_noise
+from anisonoise._src.training import NoisyTrainState
+from anisonoise._src.training import nnx_loss
+from anisonoise._src.training import with_full_params
 from anisonoise._src.transforms import sgd_noise
 
 __version__ = "0.1.0"
@@ -73,6 +76,7 @@ __all__ = (
     "LowRankFactor",
     "LowRankNoiseState",
     "MonteCarloEstimate",
+    "NoisyTrainState",
     "OUEscapeEfficiency",
     "SgdNoiseState",
     "TraceFactor",
@@ -98,6 +102,7 @@ __all__ = (
     "leading_noise",
     "map_chunks",
     "mean_gradient",
+    "nnx_loss",
     "num_examples",
     "ou_escape_efficiency",
     "per_example_grads",
@@ -107,4 +112,5 @@ __all__ = (
     "sgd_noise_sampler",
     "spectral_density",
     "top_eigenpairs",
+    "with_full_params",
 )

@@ -56,16 +56,16 @@ def compilation_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session", autouse=True)
 def looped_krylov():
-  """The suite runs the Krylov recursion in ``fori_loop`` on the CPU too.
+  """The suite runs the Krylov recursion in ``fori_loop`` on the CPU too,
+  whatever the library's default (``curvature._UNROLL_LIMIT``, 0 now).
 
-  On a CPU the library unrolls recursions of up to 64 steps
-  (``curvature._UNROLL_LIMIT``), which runs convolution products faster but
-  compiles each step separately; on the suite's small models compilation
-  dominates. Measured on the 2-core CPU (the other core busy):
-  ``tests/test_conformance.py`` and ``tests/test_transforms.py`` took 894 s
-  unrolled and 585 s looped. Both paths run the same recursion; the
-  unrolled one keeps its own tests (``unroll=True`` in ``test_engine.py``,
-  and the backend default in ``test_lanczos_unroll_choice``).
+  Unrolled, convolution products run faster but each step is compiled
+  separately; on the suite's small models compilation dominates. Measured
+  on the 2-core CPU (the other core busy): ``tests/test_conformance.py``
+  and ``tests/test_transforms.py`` took 894 s unrolled and 585 s looped.
+  Both paths run the same recursion; the unrolled one keeps its own tests
+  (``unroll=True`` in ``test_engine.py``, and the backend default in
+  ``test_lanczos_unroll_choice``).
   """
   from anisonoise._src import curvature
 

@@ -1,6 +1,7 @@
 """The library's one table of compared dynamics."""
 
 import jax.numpy as jnp
+import optax
 import pytest
 
 import anisonoise
@@ -21,7 +22,6 @@ def test_each_name_builds_its_structure(name):
   tx = anisonoise.dynamics_noise(name, std=1e-3, k=2, batch_size=4,
                                  refresh_every=3, key=1)
   if name in ("GD", "SGD"):
-    assert tx is None
     return
   state = tx.init(jnp.zeros(5))
   assert type(state) is STATES[name]
@@ -49,3 +49,15 @@ def test_errors():
     anisonoise.dynamics_noise("GLD const")
   with pytest.raises(ValueError, match="needs k="):
     anisonoise.dynamics_noise("GLD Hessian", batch_size=4)
+
+
+@pytest.mark.parametrize("name", ["GD", "SGD"])
+def test_gd_and_sgd_chain_and_add_nothing(name):
+  """The rows without a noise transform chain like the others: the update
+  is sgd's on the gradient given (for SGD, the minibatch gradient)."""
+  tx = optax.chain(anisonoise.dynamics_noise(name, batch_size=4),
+                   optax.sgd(0.5))
+  params = {"w": jnp.zeros(3)}
+  grads = {"w": jnp.arange(3.0)}
+  u, _ = tx.update(grads, tx.init(params), params, loss_fn=None, batch=None)
+  assert u["w"].tolist() == [0.0, -0.5, -1.0]

@@ -15,6 +15,7 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Params = Any
 Batch = Any
@@ -99,6 +100,11 @@ def check_loss_and_batch(
         " was not given. Pass them as extra arguments:"
         " tx.update(grads, state, params, loss_fn=loss_fn, batch=batch), where"
         " loss_fn(params, batch) returns one loss per example, shape (n,)."
+        " In a Flax Linen loop, TrainState.apply_gradients drops them: use"
+        " anisonoise.NoisyTrainState and"
+        " state.apply_gradients(grads=grads, loss_fn=loss_fn, batch=batch)."
+        " With nnx.Optimizer: optimizer.update(model, grads,"
+        " loss_fn=anisonoise.nnx_loss(model, loss), batch=batch)."
     )
   if not callable(loss_fn):
     raise ValueError(f"{who}: loss_fn must be callable, got {type(loss_fn)}.")
@@ -138,8 +144,30 @@ def num_params(params: Params) -> int:
   return sum(math.prod(jnp.shape(x)) for x in jax.tree.leaves(params))
 
 
+STATIC_ARGS_EXAMPLE = ("optax.inject_hyperparams(anisonoise.hessian_noise,"
+                       " static_args=('k', 'refresh_every', 'num_probes',"
+                       " 'key'))")
+
+
+def check_static(name: str, value: Any) -> None:
+  """Raises ``TypeError`` if a structural setting (one that fixes shapes or
+  the compiled program) arrives as an array, as
+  ``optax.inject_hyperparams`` passes every numeric argument it is not
+  told is static."""
+  if isinstance(value, (jax.Array, np.ndarray)):
+    raise TypeError(
+        f"{name} is a structural setting (it fixes shapes or the compiled"
+        f" program) and must be a Python value fixed when the transform is"
+        f" built, got an array {value!r}. Under optax.inject_hyperparams,"
+        f" name it in static_args with the factory's other structural"
+        f" settings, e.g. {STATIC_ARGS_EXAMPLE}; the numeric"
+        f" hyperparameters (std, trace, batch_size, tol) can be injected.")
+
+
 def check_positive_int(name: str, value: Any) -> None:
-  """Raises ``ValueError`` unless ``value`` is an int >= 1 (bools refused)."""
+  """Raises ``ValueError`` unless ``value`` is an int >= 1 (bools refused;
+  an array is refused by :func:`check_static`)."""
+  check_static(name, value)
   if isinstance(value, bool) or not isinstance(value, int) or value < 1:
     raise ValueError(f"{name} must be an int >= 1, got {value!r}.")
 
@@ -161,6 +189,7 @@ def check_positive_int(name: str, value: Any) -> None:
 
 def check_chunk_size(chunk_size: int | None) -> None:
   """Raises ``ValueError`` unless ``chunk_size`` is ``None`` or an int >= 1."""
+  check_static("chunk_size", chunk_size)
   if chunk_size is not None and (
       isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
       or chunk_size < 1

@@ -28,7 +28,6 @@ of ``batch``.
 
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import jax
@@ -437,7 +436,7 @@ def _centred_normal(key, n, m, dtype):
   """``(z - mean(z)) / sqrt(m n)``, ``z ~ N(0, I_n)``: the weights of an
   SGD-noise draw ``G^T z``."""
   z = jax.random.normal(key, (n,), dtype=dtype)
-  return (z - jnp.mean(z)) / math.sqrt(m * n)
+  return (z - jnp.mean(z)) / jnp.sqrt(jnp.asarray(m * n, dtype))
 
 
 def _chunked_noise(loss_fn, params, batch, key, n, m, chunk_size):

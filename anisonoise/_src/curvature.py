@@ -21,9 +21,12 @@ Measured with ``benchmarks/solver_overhead.py`` (2-core x86-64 CPU, jax
 linearisation plus 40 Hessian products alone took 7.46 s; this solver
 unrolled 7.28 s (overhead -2%: the reorthogonalisation costs less than the
 timing noise), the same code under ``fori_loop`` 48.9 s, matfree 50.6 s.
-Hence, on a CPU, the recursion is unrolled at trace time when it is short
-(``unroll=None`` unrolls up to 64 iterations) and uses ``fori_loop``
-otherwise; on other backends it always loops (one compiled matvec). The
+Unrolled, though, each step is compiled anew (a ``hessian_noise(k=20)``
+step on the library's LeNet compiled in 268 s unrolled, 42 s looped, and
+ran faster looped), so by default (``unroll=None``) the recursion uses
+``fori_loop`` on every backend (one compiled matvec); ``unroll=True``
+unrolls it at trace time, which pays for models with ``lax.conv`` on a
+CPU. The
 two paths run the same arithmetic. The returned residual norms
 ``|beta_m y_{m,j}|`` are the Lanczos bounds on ``||A v_j - lambda_j v_j||``.
 """
@@ -43,7 +46,15 @@ from anisonoise._src.batching import Batch, LossFn, Params
 
 Matvec = Callable[[Params], Params]
 
-_UNROLL_LIMIT = 64
+# The longest recursion unrolled by default on a CPU: none. Unrolling was
+# kept for convolution products (they run several times slower inside
+# XLA:CPU loops), but every unrolled step is compiled anew: a jitted
+# ``hessian_noise(k=20)`` step (40 products) on the paper's LeNet
+# (``anisonoise.models.LeNet``, 1,200 images, 2-core CPU shared with other
+# jobs) compiled in 268 s unrolled and 42 s looped, and ran in 81 s and
+# 47 s (``benchmarks/compile_time.py``). ``unroll=True`` and streamed
+# batches still unroll.
+_UNROLL_LIMIT = 0
 
 # New Krylov directions a warm-started solve adds when the Rayleigh-Ritz
 # step on its start block already meets ``tol`` (a settled subspace, e.g. a
@@ -56,8 +67,8 @@ SETTLED_DIRECTIONS = 4
 
 def default_lanczos_unroll(num_iters: int) -> bool:
   """Unroll the Krylov recursion on a CPU up to ``_UNROLL_LIMIT`` steps
-  (see the measurement above); elsewhere ``fori_loop``, which compiles one
-  matvec whatever the number of steps."""
+  (none: see the measurement above); elsewhere ``fori_loop``, which
+  compiles one matvec whatever the number of steps."""
   return jax.default_backend() == "cpu" and num_iters <= _UNROLL_LIMIT
 
 
@@ -68,7 +79,11 @@ def default_num_iters(k: int, dim: int) -> int:
 
 
 def check_tol(tol: float | None) -> None:
-  """``tol`` must be positive, or ``None`` (one cycle, no restarts)."""
+  """``tol`` must be positive, or ``None`` (one cycle, no restarts); a
+  traced ``tol`` (``optax.inject_hyperparams``) is checked when it is
+  concrete."""
+  if isinstance(tol, jax.core.Tracer):
+    return
   if tol is not None and not tol > 0:
     raise ValueError(f"tol must be positive (or None), got {tol!r}.")
 
@@ -456,9 +471,11 @@ def top_eigenpairs(
       ``SETTLED_DIRECTIONS`` (4) new directions, ``b + 4`` products in
       all.
     unroll: unroll each cycle at trace time (``True``) or use
-      ``lax.fori_loop`` (``False``); ``None`` unrolls up to 64 steps on a
-      CPU and loops elsewhere. Restarts run in a ``lax.while_loop`` under
-      ``jit`` and in a Python loop when called eagerly.
+      ``lax.fori_loop`` (``False``); ``None`` loops (unrolled steps are
+      each compiled; unrolling pays for ``lax.conv`` models on a CPU,
+      whose products run slower inside XLA:CPU loops). Restarts run in a
+      ``lax.while_loop`` under ``jit`` and in a Python loop when called
+      eagerly.
 
   Returns:
     An :class:`EigenResult`.

@@ -19,6 +19,7 @@ DYNAMICS: tuple[str, ...] = (
     "GLD Hessian", "GLD 1st eigvec(H)", "SGD", "GD + SGD noise",
 )
 
+# ``None``: no noise transform (GD; SGD, whose noise is the minibatch's).
 _FACTORIES: dict[str, Callable[..., optax.GradientTransformationExtraArgs]
                  | None] = {
     "GD": None,
@@ -40,7 +41,7 @@ def _accepted(factory) -> set[str]:
 def dynamics_noise(
     name: str, *, std: float | None = None, k: int | None = None,
     **settings: Any,
-) -> optax.GradientTransformationExtraArgs | None:
+) -> optax.GradientTransformationExtraArgs:
   """The noise transform of one dynamics of Table 1, by its name.
 
   Chained in front of ``optax.sgd(lr)`` and fed full-batch gradients, the
@@ -49,9 +50,13 @@ def dynamics_noise(
     theta_{t+1} = theta_t - lr (grad L(theta_t) + eps_t),
     eps_t ~ N(0, Sigma_t)
 
-  with ``Sigma_t`` the structure of the row of Table 1. ``"GD"`` (no noise)
-  and ``"SGD"`` (the noise of an actual minibatch gradient, which a training
-  loop gets by sampling the minibatch) return ``None``.
+  with ``Sigma_t`` the structure of the row of Table 1. ``"GD"`` and
+  ``"SGD"`` return a transform that adds nothing (it passes the updates
+  through and ignores the extra arguments): GD is the full-batch gradient
+  alone, and SGD's noise is that of the minibatch gradient itself, which
+  the training loop provides by computing the gradient on a sampled
+  minibatch of ``m`` examples (``E||eps||^2 = Tr(C)/m``, paper Eq. 5)
+  rather than on the full batch.
 
   One set of settings serves every dynamics of a study: each factory takes
   the keyword arguments it accepts (``batch_size``, ``trace``,
@@ -68,7 +73,7 @@ def dynamics_noise(
     **settings: keyword arguments of the factories (see above).
 
   Returns:
-    The noise transform, or ``None`` for ``"GD"`` and ``"SGD"``.
+    The noise transform; for ``"GD"`` and ``"SGD"`` one that adds nothing.
 
   Raises:
     ValueError: for an unknown name, a keyword no factory accepts, or a
@@ -80,8 +85,11 @@ def dynamics_noise(
     ...                                refresh_every=10, key=3)
     >>> anisonoise.dynamics_noise('GLD const', std=1e-3, batch_size=20)
     GradientTransformationExtraArgs(init=..., update=...)
-    >>> anisonoise.dynamics_noise('SGD') is None
-    True
+    >>> import jax.numpy as jnp, optax
+    >>> tx = optax.chain(anisonoise.dynamics_noise("SGD"), optax.sgd(0.5))
+    >>> u, _ = tx.update(jnp.ones(2), tx.init(jnp.zeros(2)), jnp.zeros(2))
+    >>> u.tolist()  # -lr * (the minibatch gradient given)
+    [-0.5, -0.5]
 
   References:
     Zhu et al., "The Anisotropic Noise in Stochastic Gradient Descent",
@@ -97,7 +105,7 @@ def dynamics_noise(
                      f" factories take {sorted(known - {'std', 'k'})}.")
   factory = _FACTORIES[name]
   if factory is None:
-    return None
+    return optax.with_extra_args_support(optax.identity())
   kwargs = {a: v for a, v in settings.items() if a in _accepted(factory)}
   if name == "GLD const":
     if std is None:

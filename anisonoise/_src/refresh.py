@@ -18,6 +18,7 @@ from typing import Any, Callable, NamedTuple
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from anisonoise._src import batching
@@ -165,7 +166,15 @@ def _check_magnitude(batch_size: int | None, trace: Any) -> None:
         "give either batch_size (match the noise of SGD with that minibatch"
         " size, trace Tr(C)/m) or trace (a fixed Tr(Sigma)), not both."
     )
-  if batch_size is not None:
+  if isinstance(batch_size, (jax.Array, np.ndarray)):
+    # A scheduled noise scale (optax.inject_hyperparams): any m > 0.
+    if jnp.ndim(batch_size) != 0 or (
+        not isinstance(batch_size, jax.core.Tracer)
+        and not float(batch_size) > 0):
+      raise ValueError(
+          f"batch_size must be a positive scalar (the SGD minibatch size m"
+          f" whose noise trace Tr(C)/m is matched), got {batch_size!r}.")
+  elif batch_size is not None:
     if isinstance(batch_size, bool) or not isinstance(batch_size, int):
       raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}.")
     if batch_size <= 0:
@@ -179,6 +188,38 @@ def _check_magnitude(batch_size: int | None, trace: Any) -> None:
           f"trace must be a non-negative scalar (the target E||eps||^2), got"
           f" {trace!r}."
       )
+
+
+def check_static_key(key: Any) -> None:
+  """Refuses a concrete integer array for ``key``: an int seed that
+  ``optax.inject_hyperparams`` turned into an array (the key is fixed when
+  the transform is built and lives in its state). A traced seed (a
+  transform built inside ``vmap``) is left to :func:`canonical_key`."""
+  if (isinstance(key, (jax.Array, np.ndarray))
+      and not isinstance(key, jax.core.Tracer)
+      and not jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+      and jnp.ndim(key) == 0):
+    batching.check_static("key", key)
+
+
+def _is_masked(x: Any) -> bool:
+  return isinstance(x, optax.MaskedNode)
+
+
+def check_loss_and_params(loss_fn: Any, params: Params, batch: Any,
+                          who: str) -> None:
+  """``batching.check_loss_and_batch``, after refusing parameters that
+  ``optax.masked`` / ``optax.partition`` cut down to a subset unless
+  ``loss_fn`` fills the rest back in (``anisonoise.with_full_params``)."""
+  if (any(map(_is_masked, jax.tree.leaves(params, is_leaf=_is_masked)))
+      and not getattr(loss_fn, "fills_masked", False)):
+    raise ValueError(
+        f"{who} is inside optax.masked or optax.partition, which give it the"
+        " selected parameters only, so its loss_fn cannot be evaluated."
+        " Wrap the masked (or partitioned) transform in"
+        " anisonoise.with_full_params(...): the loss then sees every"
+        " parameter, and the noise has the covariance of the selected block.")
+  batching.check_loss_and_batch(loss_fn, params, batch, who)
 
 
 def check_k(k: int, params: Params, who: str) -> None:
@@ -336,6 +377,7 @@ def refreshing_transform(
   factor)``.
   """
   batching.check_positive_int("refresh_every", refresh_every)
+  check_static_key(key)
   key = canonical_key(key)
 
   def init_fn(params):
@@ -349,7 +391,7 @@ def refreshing_transform(
     del extra_args
     batching.check_params(params, who)
     if needs_loss:
-      batching.check_loss_and_batch(loss_fn, params, batch, who)
+      check_loss_and_params(loss_fn, params, batch, who)
     new_key, refresh_key, noise_key = jax.random.split(state.rng_key, 3)
     old = state.factor
 

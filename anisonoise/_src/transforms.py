@@ -64,6 +64,8 @@ from anisonoise._src.refresh import (
     TraceFactor,
     add_noise,
     canonical_key,
+    check_loss_and_params,
+    check_static_key,
     dtype_of,
     low_rank_transform,
     normal_like,
@@ -114,6 +116,7 @@ def isotropic_noise(
       raise ValueError(
           f"std must be a non-negative scalar standard deviation, got {std!r}."
       )
+  check_static_key(key)
   key0 = canonical_key(key)
 
   def init_fn(params):
@@ -596,6 +599,7 @@ def sgd_noise(
   """
   Magnitude(batch_size, trace)  # checks them
   batching.check_chunk_size(chunk_size)
+  check_static_key(key)
   key0 = canonical_key(key)
 
   def init_fn(params):
@@ -606,7 +610,7 @@ def sgd_noise(
                 **extra_args):
     del extra_args
     batching.check_params(params, "sgd_noise")
-    batching.check_loss_and_batch(loss_fn, params, batch, "sgd_noise")
+    check_loss_and_params(loss_fn, params, batch, "sgd_noise")
     new_key, noise_key = jax.random.split(state.rng_key)
     if trace is None:
       eps = covariance.sample_sgd_noise(

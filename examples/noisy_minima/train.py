@@ -81,7 +81,8 @@ def make_tx(name: str, cfg: configs.Config, seed: int):
       key=seed * 1000 + anisonoise.DYNAMICS.index(name),
       chunk_size=cfg.chunk_size, trace_estimator="exact", **solver)
   sgd = optax.sgd(cfg.lr)
-  return sgd if noise is None else optax.chain(noise, sgd)
+  # GD and SGD add nothing: plain sgd, with the state layout of sgd alone.
+  return sgd if name in ("GD", "SGD") else optax.chain(noise, sgd)
 
 
 def _mean_grad(loss_fn, chunk_size):
