@@ -1,14 +1,15 @@
 """Where a settled low-rank refresh spends its time.
 
 ``hessian_noise(k)`` is refreshed at fixed parameters until two refreshes
-in a row have settled (``state.num_matvecs == k + 4``); then, each jitted
+in a row have settled (converged at ``min(num_iters, k + 4 + (k + 4) //
+2)`` products); then, each jitted
 and timed on its own (median of ``--repeats``), in milliseconds and in GD
 gradients:
 
 * the transform's refresh (``update`` at ``refresh_every=1``),
 * its warm-started eigen-solve (``top_eigenpairs(init_subspace=...)``),
 * the Rayleigh-Ritz step on the cached vectors (k products and the dense
-  algebra), and with the 4-direction cycle that follows it,
+  algebra), and with the guarded settled cycle that follows it,
 * orthonormalising the k cached vectors alone,
 * k Hessian products from one linearisation (``lax.map``),
 * the 8 forward-mode probes of ``Tr(C)``.
@@ -45,13 +46,15 @@ def main():
   k = args.k
   flat, unravel = ravel_pytree(params)
   iters = curvature.default_num_iters(k, flat.size)
+  settled_size = min(iters, k + curvature.settled_directions(k))
   tx = anisonoise.hessian_noise(k, batch_size=20, key=0)
   update = jax.jit(lambda s, p, b: tx.update(p, s, p, loss_fn=loss_fn,
                                              batch=b)[1])
   state, settled = tx.init(params), 0
   for _ in range(30):  # until two refreshes in a row have settled
     state = update(state, params, batch)
-    done = int(state.num_matvecs) == k + curvature.SETTLED_DIRECTIONS
+    done = (bool(state.converged)
+            and int(state.num_matvecs) == settled_size)
     settled = settled + 1 if done else 0
     if settled == 2:
       break
@@ -69,9 +72,9 @@ def main():
                                     jax.random.key(0))
 
   def settled_cycle(p, b, v):
-    return curvature._recycled_cycle(
+    return curvature._guarded(
         flat_op(p, b), rayleigh_ritz(p, b, v), jax.random.key(1),
-        k + curvature.SETTLED_DIRECTIONS, True, random_start=True)
+        settled_size, k, 1e-2, True)
 
   def orthonormalise(v):
     return curvature._orthonormal_rows(block(v), jax.random.key(0))
@@ -85,8 +88,8 @@ def main():
           key=jax.random.key(1), num_iters=iters, tol=1e-2,
           max_matvecs=iters, init_subspace=v), (params, batch, cache)),
       "Rayleigh-Ritz on the cache": (rayleigh_ritz, (params, batch, cache)),
-      "Rayleigh-Ritz + 4-direction cycle": (settled_cycle,
-                                            (params, batch, cache)),
+      "Rayleigh-Ritz + guarded settled cycle": (settled_cycle,
+                                                (params, batch, cache)),
       "orthonormalise the cache": (orthonormalise, (cache,)),
       f"{k} products (lax.map)": (lambda p, b, v: jax.lax.map(
           anisonoise.hessian_operator(loss_fn, p, b), v),

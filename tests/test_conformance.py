@@ -6,6 +6,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from jax.flatten_util import ravel_pytree
 
 import anisonoise
 from conftest import logistic_problem, mlp_problem
@@ -106,6 +107,37 @@ def test_dtype_preserved(name, dtype):
     assert a.dtype == b.dtype and a.shape == b.shape
     if jnp.issubdtype(a.dtype, jnp.floating):
       assert a.dtype == dtype
+
+
+def _low_precision_params():
+  """The logistic problem's params in bfloat16, and mixed (bfloat16
+  weights, float32 bias), with float32 data."""
+  loss_fn, params, batch = logistic_problem(dtype=jnp.float32)
+  bf16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+  mixed = {"w": bf16["w"], "b": params["b"]}
+  return loss_fn, batch, {"bfloat16": bf16, "mixed": mixed}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_bfloat16_and_mixed_params(name):
+  """Updates keep each parameter's dtype; every solve runs, and the
+  eigenvectors are stored, in float32 (orthonormal to its precision)."""
+  loss_fn, batch, cases = _low_precision_params()
+  tx = FACTORIES[name]()
+  for params in cases.values():
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    updates, state = jax.jit(lambda g, s, p: tx.update(
+        g, s, p, loss_fn=loss_fn, batch=batch))(zeros, tx.init(params),
+                                                params)
+    for u, p in zip(jax.tree.leaves(updates), jax.tree.leaves(params)):
+      assert u.dtype == p.dtype
+      assert np.all(np.isfinite(np.asarray(u, np.float32)))
+    assert max(float(jnp.abs(u).max()) for u in jax.tree.leaves(updates)) > 0
+    if hasattr(state, "eigenvectors"):
+      vecs = jax.vmap(lambda t: ravel_pytree(t)[0])(state.eigenvectors)
+      assert vecs.dtype == jnp.float32
+      gram = np.asarray(vecs @ vecs.T, np.float64)
+      np.testing.assert_allclose(gram, np.eye(len(gram)), atol=1e-5)
 
 
 @pytest.mark.parametrize("name", [n for n in NAMES

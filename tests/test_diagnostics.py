@@ -7,7 +7,8 @@ import pytest
 import scipy.linalg
 
 import anisonoise
-from conftest import dense_reference, linear_problem, mlp_problem
+from conftest import (dense_reference, linear_problem, logistic_problem,
+                      mlp_problem)
 
 pytestmark = pytest.mark.usefixtures("x64")
 
@@ -254,3 +255,19 @@ def test_bad_inputs():
     anisonoise.escape_indicator(loss_fn, params, batch, method="stochastic")
   with pytest.raises(ValueError, match="method must be"):
     anisonoise.escape_indicator(loss_fn, params, batch, method="dense")
+
+
+def test_diagnostics_on_bfloat16_params():
+  """bfloat16 models: the Hessian spectrum is solved in float32 (``eigh``
+  has no bfloat16), and the escape indicator runs in the params' dtype;
+  both agree with the float32 model to bfloat16's rounding (8 bits)."""
+  loss_fn, params, batch = logistic_problem(dtype=jnp.float32)
+  bf16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+  spectra = [anisonoise.hessian_spectrum(loss_fn, p, batch, num_eigs=2,
+                                         key=jax.random.key(0)).eigenvalues
+             for p in (params, bf16)]
+  assert spectra[1].dtype == jnp.float32
+  np.testing.assert_allclose(spectra[1], spectra[0], rtol=3e-2)
+  escape = [anisonoise.escape_indicator(loss_fn, p, batch)
+            for p in (params, bf16)]
+  np.testing.assert_allclose(np.float32(escape[1]), escape[0], rtol=3e-2)

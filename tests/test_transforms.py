@@ -251,6 +251,24 @@ def test_nonfinite_refresh_keeps_cached_factor():
   assert np.all(np.isfinite(eps))
 
 
+def test_state_reports_unconverged_refreshes():
+  """``state.converged`` is the last refresh's flag and
+  ``state.num_unconverged`` counts the refreshes whose solve missed its
+  tol (next to ``num_rejected``)."""
+  loss_fn, params, batch = linear_problem()  # D = 8
+  for tol, num_iters, missed in ((1e-12, 3, 2), (1e-2, 8, 0)):
+    tx = anisonoise.hessian_noise(2, batch_size=M, refresh_every=1,
+                                  num_iters=num_iters, tol=tol, key=0)
+    step = jax.jit(lambda s: tx.update(params, s, params, loss_fn=loss_fn,
+                                       batch=batch)[1])
+    state = tx.init(params)
+    assert bool(state.converged) and int(state.num_unconverged) == 0
+    state = step(step(state))
+    assert bool(state.converged) == (missed == 0)
+    assert int(state.num_unconverged) == missed
+    assert int(state.num_rejected) == 0
+
+
 def _flat_spectrum_mlp():
   """A tanh MLP 16-24-24-10 near initialisation (D = 1,258, n = 256): a
   flat top of the Hessian spectrum, where ``max(2k, k + 10)`` Lanczos steps
@@ -273,11 +291,13 @@ def _flat_spectrum_mlp():
   return loss_fn, params, batch
 
 
-def test_settled_refreshes_cost_k_plus_4_products():
+def test_settled_refreshes_cost_one_and_a_half_k_plus_4_products():
   """Refreshed at the same parameters, the warm solves converge; once the
-  cached vectors meet tol (default 1e-2) a refresh costs k + 4 products,
-  and the eigenvalues stay within tol of the dense ones. With tol=None
-  every refresh runs the full num_iters."""
+  cached vectors meet tol (default 1e-2) a refresh costs k + 4 products
+  plus a guard of (k + 4) // 2, at most num_iters (20 for k = 10, where
+  the first refresh restarts to 50), and the eigenvalues stay within tol
+  of the dense ones. With tol=None every refresh runs the full
+  num_iters."""
   loss_fn, params, batch = _flat_spectrum_mlp()
   flat, unravel = ravel_pytree(params)
   h = jax.hessian(lambda f: jnp.mean(loss_fn(unravel(f), batch)))(flat)
@@ -287,16 +307,49 @@ def test_settled_refreshes_cost_k_plus_4_products():
     update = jax.jit(lambda s: tx.update(params, s, params, loss_fn=loss_fn,
                                          batch=batch)[1])
     state, used = tx.init(params), []
-    for _ in range(12):
+    for _ in range(6):
       state = update(state)
       used.append(int(state.num_matvecs))
     if tol is None:
-      assert used == [20] * 12
+      assert used == [20] * 6
       continue
-    assert set(used) <= {14, 20} and used[0] == 20 and used[-1] == 14
+    assert used[0] > 20 and used[-1] == 20
     assert np.all(np.asarray(state.residual_norms) <= tol * ref[0])
     assert np.max(np.abs(np.asarray(state.eigenvalues) - ref)) <= (
         tol * ref[0])
+
+
+def _gd_refreshes(tx, loss_fn, params, batch, steps=3, lr=0.5):
+  """``tx``'s state after refreshing at each of ``steps`` GD iterates, and
+  the last iterate."""
+  grad = jax.grad(lambda p: jnp.mean(loss_fn(p, batch)))
+  step = jax.jit(lambda s, p: tx.update(grad(p), s, p, loss_fn=loss_fn,
+                                        batch=batch)[1])
+  state = tx.init(params)
+  for i in range(steps):
+    if i:
+      params = jax.tree.map(lambda p, g: p - lr * g, params, grad(params))
+    state = step(state, params)
+  return state, params
+
+
+def test_default_budget_converges_a_flat_spectrum():
+  """With the default budget (restarts up to 5 num_iters), three refreshes
+  along GD on a flat-spectrum MLP leave the cached top 10 of ``H`` and
+  ``C`` within 1e-2 lambda_1 of dense ``eigh`` (one cycle, the former
+  default, left the Hessian's 2.1e-2 lambda_1 off). The same on a
+  34-96-10 MLP (D = 4,330, refreshes 10 GD steps apart): 4.3e-4 and
+  1.0e-4, against 0.19 and 0.14 with one cycle (measured, not run here:
+  its dense references are too slow for the suite)."""
+  loss_fn, params, batch = _flat_spectrum_mlp()
+  for name in ("hessian_noise", "leading_noise"):
+    tx = getattr(anisonoise, name)(10, batch_size=32, refresh_every=1,
+                                   key=0)
+    state, last = _gd_refreshes(tx, loss_fn, params, batch)
+    _, _, c, h = dense_reference(loss_fn, last, batch)
+    ref = np.linalg.eigvalsh(h if name == "hessian_noise" else c)[::-1]
+    err = np.max(np.abs(np.asarray(state.eigenvalues) - ref[:10]))
+    assert err <= 1e-2 * ref[0], (name, err / ref[0])
 
 
 def test_low_rank_tol_converges_the_cached_eigenpairs():

@@ -265,7 +265,11 @@ def covariance_trace(
   if deflate is None:
     return estimators.hutchinson(form, params, key, num_probes, batch).mean
   if in_span is None:
-    in_span = jnp.sum(estimators.map_probes(form, deflate, batch))
+    # The basis may be in a wider dtype than params (a solve's float32
+    # eigenvectors of bfloat16 params); the form takes params' dtypes.
+    in_span = jnp.sum(estimators.map_probes(
+        lambda q: form(jax.tree.map(lambda x, p: x.astype(p.dtype), q,
+                                    params)), deflate, batch))
   return in_span + complement_trace(form, deflate, params, key, num_probes,
                                     batch)
 
@@ -281,7 +285,9 @@ def complement_trace(form: Callable[[Params], jax.Array], basis: Params,
 
   def projected(v):
     flat = ravel_pytree(v)[0]
-    return form(unravel(flat - flat_q.T @ (flat_q @ flat)))
+    wide = flat.astype(jnp.promote_types(flat.dtype, flat_q.dtype))
+    return form(unravel(
+        (wide - flat_q.T @ (flat_q @ wide)).astype(flat.dtype)))
 
   return estimators.hutchinson(projected, like, key, num_probes, data).mean
 

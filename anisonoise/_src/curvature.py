@@ -58,10 +58,10 @@ _UNROLL_LIMIT = 0
 
 # New Krylov directions a warm-started solve adds when the Rayleigh-Ritz
 # step on its start block already meets ``tol`` (a settled subspace, e.g. a
-# refresh near a minimum). They are a short Lanczos run on the complement of
-# the block, so an eigenvalue that has risen above the block's (the
-# complement's extreme one) still enters; the rest of the budget is not
-# spent.
+# refresh near a minimum), before the guard's (:func:`settled_directions`).
+# They are a short Lanczos run on the complement of the block, so an
+# eigenvalue that has risen above the block's (the complement's extreme
+# one) still enters; the rest of the budget is not spent.
 SETTLED_DIRECTIONS = 4
 
 
@@ -186,7 +186,9 @@ class EigenResult(NamedTuple):
       ``||A v_j - lambda_j v_j||`` (small means converged). Each bounds the
       distance from ``eigenvalues[j]`` to the nearest eigenvalue of ``A``.
     num_matvecs: the number of products the solver ran (an int scalar).
-    converged: whether every ``residual_norms[j] <= tol * |eigenvalues[0]|``
+    converged: whether every ``residual_norms[j] <= tol * max_j |theta_j|``
+      (the largest Ritz value's magnitude, the operator's scale), and, for
+      a settled warm start, no eigenvalue was seen above the block's k-th
       (a bool scalar; always checked, whatever ``tol``).
   """
 
@@ -278,9 +280,30 @@ def build_krylov(mv: Callable[[jax.Array], jax.Array], v0: jax.Array,
   return _extend(mv, Krylov(basis, projected), 0, num_iters, unroll)
 
 
+def solve_dtype(dtype) -> jnp.dtype:
+  """The dtype an eigen-solve runs and stores its eigenvectors in: the
+  parameters' promoted with float32 (float32 for bfloat16 or float16
+  parameters, which ``eigh`` does not take and whose rounding, 4e-3 for
+  bfloat16, would spoil the basis's orthogonality; float64 stays
+  float64)."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
 def flat_matvec(matvec: Matvec, unravel: Callable, dtype) -> Callable:
   """``matvec`` on pytrees as a map on raveled vectors of ``dtype``."""
   return lambda x: ravel_pytree(matvec(unravel(x)))[0].astype(dtype)
+
+
+def flat_operator(matvec: Matvec, like: Params):
+  """``matvec`` on raveled vectors in :func:`solve_dtype`: returns the flat
+  map (each leaf cast to ``like``'s dtype before the product), that dtype
+  and the ``unravel`` of a solve's vectors (leaves in that dtype)."""
+  flat, unravel = ravel_pytree(like)
+  dtype = solve_dtype(flat.dtype)
+  mv = flat_matvec(matvec, lambda x: unravel(x.astype(flat.dtype)), dtype)
+  unravel_out = ravel_pytree(jax.tree.map(
+      lambda x: jnp.asarray(x).astype(dtype), like))[1]
+  return mv, dtype, unravel_out
 
 
 class _Ritz(NamedTuple):
@@ -295,8 +318,15 @@ def _ritz(krylov: Krylov) -> _Ritz:
   return _Ritz(evals, evecs, krylov.residual_norms(evecs))
 
 
-def _converged(ritz: _Ritz, k: int, tol) -> jax.Array:
-  return jnp.all(ritz.residuals[:k] <= tol * jnp.abs(ritz.values[0]))
+def _scale(ritz) -> jax.Array:
+  """The largest ``|theta_j|``: the operator's scale as far as the Ritz
+  values see it (``|theta_1|`` alone is near zero when the top eigenvalue
+  is, and no residual could pass relative to it)."""
+  return jnp.max(jnp.abs(ritz.values))
+
+
+def _converged(ritz, k: int, tol) -> jax.Array:
+  return jnp.all(ritz.residuals[:k] <= tol * _scale(ritz))
 
 
 def _thick_restart(krylov: Krylov, ritz: _Ritz, keep: int) -> Krylov:
@@ -376,8 +406,19 @@ def _recycled_cycle(mv, pairs: _Recycled, key: jax.Array, num_iters: int,
   Subspace recycling: a refresh keeps what earlier refreshes found, so
   that along a slowly changing operator the accuracy builds up across
   refreshes instead of starting over. ``random_start``: the Krylov part
-  starts from a random direction instead (a Lanczos run on the complement
-  of ``V``, which finds its extreme eigenvalues first)."""
+  starts from a random direction instead (see :func:`_grow`)."""
+  basis, images = _grow(mv, pairs, key, num_iters, unroll, random_start)
+  return _ritz_pairs(basis, images)
+
+
+def _grow(mv, pairs: _Recycled, key: jax.Array, num_iters: int,
+          unroll: bool, random_start: bool) -> tuple[jax.Array, jax.Array]:
+  """The basis ``[V, K]`` of :func:`_recycled_cycle` and its images
+  (``num_iters`` rows each). With ``random_start`` the Krylov part ``K``
+  is a Lanczos run from a random direction on the complement of ``V``
+  (each new vector is orthogonalised against ``V``: Lanczos on
+  ``(I - V^T V) A (I - V^T V)``), which finds that operator's extreme
+  eigenvalues first."""
   b, dim = pairs.vectors.shape
   basis = jnp.zeros((num_iters + 1, dim), pairs.vectors.dtype)
   basis = basis.at[:b].set(pairs.vectors)
@@ -409,7 +450,35 @@ def _recycled_cycle(mv, pairs: _Recycled, key: jax.Array, num_iters: int,
       carry = step(j, carry)
   else:
     carry = jax.lax.fori_loop(b, num_iters, step, carry)
-  return _ritz_pairs(carry[0][:num_iters], carry[1])
+  return carry[0][:num_iters], carry[1]
+
+
+def settled_directions(b: int) -> int:
+  """The Krylov directions a settled warm start adds to its ``b`` cached
+  vectors: :data:`SETTLED_DIRECTIONS` plus a guard of half the settled
+  cost, ``(b + SETTLED_DIRECTIONS) // 2`` more, so that a settled refresh
+  costs at most 1.5 times ``b + SETTLED_DIRECTIONS`` products."""
+  return SETTLED_DIRECTIONS + (b + SETTLED_DIRECTIONS) // 2
+
+
+def _guarded(mv, pairs: _Recycled, key: jax.Array, size: int, k: int,
+             tol: float, unroll: bool) -> tuple[_Recycled, jax.Array]:
+  """The settled step with its guard: Rayleigh-Ritz on the cached block
+  ``V`` (``pairs``) plus a Lanczos run ``K`` from a random start on the
+  complement of ``V`` (``size - b`` products). Residuals certify that the
+  returned pairs are eigenpairs, not that they are the top ones: an
+  eigenvalue that rose in a direction orthogonal to ``V`` leaves ``V``'s
+  pairs untouched. ``K`` sees outside the block, and the top eigenvalue
+  of the operator compressed to ``K`` (a lower bound on the complement's
+  top one, and close to it when that one stands out) must stay below the
+  k-th cached value (within ``tol``). Returns the Ritz pairs on
+  ``[V, K]`` and whether the guard passed."""
+  b = pairs.vectors.shape[0]
+  basis, images = _grow(mv, pairs, key, size, unroll, random_start=True)
+  outside = basis[b:] @ images[b:].T
+  top_outside = jnp.linalg.eigvalsh(0.5 * (outside + outside.T))[-1]
+  passed = top_outside <= pairs.values[k - 1] + tol * _scale(pairs)
+  return _ritz_pairs(basis, images), passed
 
 
 def top_eigenpairs(
@@ -430,13 +499,18 @@ def top_eigenpairs(
   Thick-restart Lanczos (Wu and Simon, 2000) with full reorthogonalisation
   on the raveled pytree: a Krylov basis of ``num_iters`` vectors, the Ritz
   pairs of ``T = Q^T A Q``, and, until every one of the top ``k`` has a
-  residual ``||A v_j - theta_j v_j|| <= tol |theta_1|`` or ``max_matvecs``
+  residual ``||A v_j - theta_j v_j|| <= tol max_j |theta_j|`` or
+  ``max_matvecs``
   products are spent, a restart that keeps the best Ritz vectors and
   extends them with new Krylov directions. Each residual bounds the
   distance of its ``theta_j`` to an eigenvalue of ``A``, so with
-  ``tol=1e-3`` every returned eigenvalue is within ``1e-3 |lambda_1|`` of
-  one of ``A``'s. The result says how many products were run and whether
-  the tolerance was met; run eagerly with a ``tol``, a miss is also a
+  ``tol=1e-3`` every returned eigenvalue is within ``1e-3 ||A||`` of one
+  of ``A``'s (the scale is the largest ``|theta_j|``, not ``|theta_1|``,
+  which may be near zero). The solve runs, and returns its eigenvectors,
+  in float32 at least (float64 for float64 parameters) whatever the
+  parameters' dtype; each product gets its leaves in their own dtypes.
+  The result says how many products were run and whether the tolerance
+  was met; run eagerly with a ``tol``, a miss is also a
   ``RuntimeWarning``.
 
   Why restarts rather than a longer recursion: the accuracy of a fixed
@@ -452,7 +526,7 @@ def top_eigenpairs(
     key: PRNG key for the random start vector.
     num_iters: Krylov basis size ``m`` (products of the first cycle),
       ``k <= m <= D``. Defaults to ``min(D, max(2 k, k + 10))``.
-    tol: residual tolerance relative to ``|lambda_1|``; ``None`` runs one
+    tol: residual tolerance relative to ``max_j |theta_j|``; ``None`` runs one
       cycle of ``num_iters`` products and only reports ``converged``.
     max_matvecs: budget of products, at least ``num_iters``; defaults to
       ``10 num_iters``. A restart that would exceed it is not run.
@@ -467,9 +541,14 @@ def top_eigenpairs(
       ``num_iters`` products per cycle. Along a slowly changing operator
       (a training trajectory) the accuracy accumulates from solve to
       solve. With a ``tol`` and ``b >= k``, a block whose own Ritz pairs
-      already meet it (a settled subspace) gets only
-      ``SETTLED_DIRECTIONS`` (4) new directions, ``b + 4`` products in
-      all.
+      already meet it (a settled subspace) gets only a short Lanczos run
+      from a random start outside it, ``4 + (b + 4) // 2`` directions
+      (``b + 4 + (b + 4) // 2`` products in all, at most 1.5 times
+      ``b + 4``), whose top Ritz value on the complement must stay below
+      the block's k-th (to ``tol``): an eigenvalue that rose orthogonally
+      to the block leaves the block's residuals small, and only a look
+      outside it can see it. If it does not stay below, the full cycles
+      run from the top ``b`` pairs of that step.
     unroll: unroll each cycle at trace time (``True``) or use
       ``lax.fori_loop`` (``False``); ``None`` loops (unrolled steps are
       each compiled; unrolling pays for ``lax.conv`` models on a CPU,
@@ -495,8 +574,10 @@ def top_eigenpairs(
     eigenvalue problems <https://doi.org/10.1137/S0895479898334605>`_,
     SIAM J. Matrix Anal. Appl. 22(2), 2000.
   """
-  flat, unravel = ravel_pytree(like)
-  dim = flat.size
+  # Products see the parameters' own dtypes; the solve and the returned
+  # eigenvectors are in ``dtype`` (float32 at least) whatever those are.
+  mv, dtype, unravel_out = flat_operator(matvec, like)
+  dim = batching.num_params(like)
   if not isinstance(k, int) or k < 1:
     raise ValueError(f"k must be a positive int, got {k!r}.")
   if k > dim:
@@ -522,12 +603,10 @@ def top_eigenpairs(
   if unroll is None:
     unroll = default_lanczos_unroll(num_iters)
 
-  dtype = flat.dtype
-  mv = flat_matvec(matvec, unravel, dtype)
   if init_subspace is not None:
     if init_vector is not None:
       raise ValueError("give init_vector or init_subspace, not both.")
-    return _recycled_eigenpairs(mv, unravel, init_subspace, k, key,
+    return _recycled_eigenpairs(mv, unravel_out, init_subspace, k, key,
                                 num_iters, tol, max_matvecs, unroll, dtype)
   if init_vector is None:
     v0 = jax.random.normal(key, (dim,), dtype)
@@ -560,7 +639,7 @@ def top_eigenpairs(
   converged = _converged(ritz, k, check)
   _warn_unconverged(tol, converged, ritz, k, check, used)
   vecs = ritz.vectors[:, :k].T @ krylov.basis[:num_iters]  # (k, D)
-  return EigenResult(ritz.values[:k], jax.vmap(unravel)(vecs),
+  return EigenResult(ritz.values[:k], jax.vmap(unravel_out)(vecs),
                      ritz.residuals[:k], used, converged)
 
 
@@ -578,9 +657,9 @@ def _warn_unconverged(tol, converged, ritz, k, check, used) -> None:
   if tol is not None and _is_concrete(converged) and not bool(converged):
     warnings.warn(
         f"top_eigenpairs: the top {k} Ritz pairs did not reach residual"
-        f" <= {check:g} |lambda_1| within {int(used)} products (largest"
-        f" residual / |lambda_1| ="
-        f" {float(jnp.max(ritz.residuals[:k]) / jnp.abs(ritz.values[0])):.2e})."
+        f" <= {check:g} max |theta| within {int(used)} products (largest"
+        f" residual / max |theta| ="
+        f" {float(jnp.max(ritz.residuals[:k]) / _scale(ritz)):.2e})."
         " Raise max_matvecs or num_iters, or loosen tol.",
         RuntimeWarning, stacklevel=3)
 
@@ -589,15 +668,16 @@ def _recycled_eigenpairs(mv, unravel, init_subspace, k, key, num_iters, tol,
                          max_matvecs, unroll, dtype) -> EigenResult:
   """:func:`top_eigenpairs` warm-started from ``init_subspace``: a
   Rayleigh-Ritz step on it (``b`` products); then, if its top ``k`` pairs
-  already meet ``tol`` (a settled subspace), :data:`SETTLED_DIRECTIONS`
-  new Krylov directions only, else recycled cycles
+  already meet ``tol`` (a settled subspace), the guarded step of
+  :func:`_guarded` only (:func:`settled_directions` new directions), else,
+  or if the guard saw an eigenvalue above the block's, recycled cycles
   (:func:`_recycled_cycle`) until the tolerance or the budget."""
   block = jax.vmap(lambda t: ravel_pytree(t)[0])(init_subspace).astype(dtype)
   b, dim = block.shape
   if not 1 <= b < num_iters:
     raise ValueError(f"init_subspace holds {b} vectors; it needs 1 <= b <"
                      f" num_iters={num_iters}.")
-  keys = jax.random.split(key, 3)
+  keys = jax.random.split(key, 4)
   pairs = _rayleigh_ritz(mv, block, keys[0])
   check = 1e-3 if tol is None else tol
   # Restarts keep k plus half of the rest, as the thick restart does; their
@@ -605,9 +685,9 @@ def _recycled_eigenpairs(mv, unravel, init_subspace, k, key, num_iters, tol,
   keep = max(b, min(num_iters - 1, k + (num_iters - k) // 2))
   eager = _is_concrete(pairs.values)
 
-  def full(pairs):
-    ritz = _recycled_cycle(mv, pairs, keys[1], num_iters, unroll)
-    used = jnp.asarray(num_iters, jnp.int32)
+  def full(pairs, spent):
+    ritz = _recycled_cycle(mv, pairs, keys[2], num_iters, unroll)
+    used = spent + num_iters - b
     if tol is not None:
       def more(carry):
         ritz, used, _ = carry
@@ -621,22 +701,40 @@ def _recycled_eigenpairs(mv, unravel, init_subspace, k, key, num_iters, tol,
                                sub, num_iters, unroll)
         return ritz, used + num_iters - keep, key
 
-      ritz, used, _ = _restarts(more, cycle, (ritz, used, keys[2]), eager)
+      ritz, used, _ = _restarts(more, cycle, (ritz, used, keys[3]), eager)
     return jax.tree.map(lambda x: x[:k], ritz), used
 
-  def settled(pairs):
-    size = min(num_iters, b + SETTLED_DIRECTIONS)
-    ritz = _recycled_cycle(mv, pairs, keys[1], size, unroll,
-                           random_start=True)
-    return (jax.tree.map(lambda x: x[:k], ritz),
-            jnp.asarray(size, jnp.int32))
-
   if tol is None or b < k:
-    ritz, used = full(pairs)
-  elif eager:
-    ritz, used = (settled if bool(_converged(pairs, k, tol)) else full)(pairs)
+    ritz, used = full(pairs, jnp.asarray(b, jnp.int32))
   else:
-    ritz, used = jax.lax.cond(_converged(pairs, k, tol), settled, full, pairs)
+    size = min(num_iters, b + settled_directions(b))
+
+    def settle(pairs):
+      ritz, passed = _guarded(mv, pairs, keys[1], size, k, tol, unroll)
+      return (jax.tree.map(lambda x: x[:b], ritz), passed,
+              jnp.asarray(size, jnp.int32))
+
+    def unsettled(pairs):
+      return pairs, jnp.asarray(False), jnp.asarray(b, jnp.int32)
+
+    # A settled block (its own pairs meet tol) gets the guarded step; if
+    # the guard sees an eigenvalue above the block's, the full cycles run
+    # from the top b pairs of that step (which hold its direction).
+    if eager:
+      start = (settle if bool(_converged(pairs, k, tol)) else unsettled)(
+          pairs)
+    else:
+      start = jax.lax.cond(_converged(pairs, k, tol), settle, unsettled,
+                           pairs)
+    start_pairs, passed, spent = start
+
+    def done(pairs, spent):
+      return jax.tree.map(lambda x: x[:k], pairs), spent
+
+    if eager:
+      ritz, used = (done if bool(passed) else full)(start_pairs, spent)
+    else:
+      ritz, used = jax.lax.cond(passed, done, full, start_pairs, spent)
   converged = _converged(ritz, k, check)
   _warn_unconverged(tol, converged, ritz, k, check, used)
   return EigenResult(ritz.values, jax.vmap(unravel)(ritz.vectors),

@@ -555,10 +555,11 @@ def hessian_spectrum(
 
   Thick-restart Lanczos (:func:`anisonoise.top_eigenpairs`) on
   Hessian-vector products (from one linearisation, or chunk by chunk with
-  ``chunk_size``), restarted until every residual is at most ``tol
-  |lambda_1|``: each eigenvalue is then within ``tol |lambda_1|`` of one of
-  the Hessian's. The Krylov basis holds ``num_iters`` vectors (default
-  ``min(D, 2 num_eigs + 20)``).
+  ``chunk_size``), restarted until every residual is at most ``tol``
+  times the largest ``|lambda_j|`` found: each eigenvalue is then within
+  that of one of the Hessian's. The Krylov basis holds ``num_iters``
+  vectors (default ``min(D, 2 num_eigs + 20)``); the solve runs in float32
+  at least, so bfloat16 models work.
 
   Args:
     loss_fn: ``loss_fn(params, batch) -> (n,)`` per-example losses.
@@ -567,7 +568,8 @@ def hessian_spectrum(
     num_eigs: how many eigenvalues (largest algebraic first).
     key: PRNG key for the start vector.
     num_iters: Krylov basis size (products of the first cycle).
-    tol: residual tolerance relative to ``|lambda_1|``; ``None``: one cycle.
+    tol: residual tolerance relative to the largest ``|lambda_j|``;
+      ``None``: one cycle.
     max_matvecs: budget of Hessian products (default ``10 num_iters``);
       check ``converged`` in the result.
     unroll: see :func:`top_eigenpairs`; ``None``: a stream unrolls (its
@@ -673,20 +675,18 @@ def spectral_density(
     Yang, Approximating spectral densities of large matrices, 2016.
   """
   batching.check_positive_int("num_probes", num_probes)
-  flat, unravel = ravel_pytree(params)
-  d = flat.size
+  d = batching.num_params(params)
   if not 1 <= num_iters <= d:
     raise ValueError(f"num_iters must be in [1, D={d}], got {num_iters}.")
   batching.check_chunk_size(chunk_size)
   h_op = curvature.hessian_operator(loss_fn, params, batch,
                                     chunk_size=chunk_size)
   unroll = curvature.lanczos_unroll(batch, chunk_size, num_iters)
+  mv, dtype, _ = curvature.flat_operator(h_op, params)
 
   def probe(k):
-    v0 = jax.random.rademacher(k, (d,), flat.dtype)
-    krylov = curvature.build_krylov(
-        curvature.flat_matvec(h_op, unravel, flat.dtype), v0, num_iters,
-        unroll)
+    v0 = jax.random.rademacher(k, (d,), dtype)
+    krylov = curvature.build_krylov(mv, v0, num_iters, unroll)
     theta, y = jnp.linalg.eigh(krylov.matrix())
     return theta, jnp.square(y[0])
 
@@ -694,9 +694,9 @@ def spectral_density(
       probe, jax.random.split(key, num_probes), batch)
   lo, hi = jnp.min(nodes), jnp.max(nodes)
   span = jnp.maximum(hi - lo, 1e-12 * jnp.maximum(1.0, jnp.abs(hi)))
-  width = 0.01 * span if sigma is None else jnp.asarray(sigma, flat.dtype)
+  width = 0.01 * span if sigma is None else jnp.asarray(sigma, dtype)
   grid = jnp.linspace(lo - 5 * width, hi + 5 * width, grid_size,
-                      dtype=flat.dtype)
+                      dtype=dtype)
   z = (grid[:, None] - nodes.reshape(-1)[None, :]) / width
   kern = jnp.exp(-0.5 * z**2) / (width * math.sqrt(2 * math.pi))
   density = kern @ weights.reshape(-1) / num_probes
