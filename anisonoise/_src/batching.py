@@ -15,6 +15,7 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Params = Any
 Batch = Any
@@ -114,6 +115,13 @@ def check_loss_and_batch(
         " Return the vector of losses before averaging (e.g. drop the final"
         " .mean())."
     )
+  if not jnp.issubdtype(out.dtype, jnp.floating):
+    raise ValueError(
+        f"{who}: loss_fn(params, batch) returned dtype {out.dtype}; the"
+        " per-example losses must be floating point to be differentiated"
+        " (compute them in the parameters' float dtype, e.g. cast labels"
+        " or counts with .astype(jnp.float32) before the loss)."
+    )
   return n
 
 
@@ -138,10 +146,18 @@ def num_params(params: Params) -> int:
   return sum(math.prod(jnp.shape(x)) for x in jax.tree.leaves(params))
 
 
-def check_positive_int(name: str, value: Any) -> None:
-  """Raises ``ValueError`` unless ``value`` is an int >= 1 (bools refused)."""
-  if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+def is_int(value: Any) -> bool:
+  """True for a Python or NumPy integer (bools are not integers here)."""
+  return (isinstance(value, (int, np.integer))
+          and not isinstance(value, (bool, np.bool_)))
+
+
+def check_positive_int(name: str, value: Any) -> int:
+  """``value`` as an ``int``; ``ValueError`` unless it is a Python or NumPy
+  integer >= 1 (bools refused)."""
+  if not is_int(value) or value < 1:
     raise ValueError(f"{name} must be an int >= 1, got {value!r}.")
+  return int(value)
 
 
 # Chunks are looped over (``lax.scan``) unless a caller asks otherwise: only
@@ -161,10 +177,7 @@ def check_positive_int(name: str, value: Any) -> None:
 
 def check_chunk_size(chunk_size: int | None) -> None:
   """Raises ``ValueError`` unless ``chunk_size`` is ``None`` or an int >= 1."""
-  if chunk_size is not None and (
-      isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
-      or chunk_size < 1
-  ):
+  if chunk_size is not None and (not is_int(chunk_size) or chunk_size < 1):
     raise ValueError(
         f"chunk_size must be a positive int or None (all examples at once),"
         f" got {chunk_size!r}."
