@@ -363,3 +363,15 @@ def test_sgd_noise_without_replacement_matches_the_dense_definition():
   eps1 = tx1.update(jnp.zeros_like(params), tx1.init(params), params,
                     loss_fn=loss_fn, batch=batch)[0]
   np.testing.assert_allclose(eps, np.sqrt(scale * m) * eps1, rtol=1e-12)
+
+
+def test_matched_trace_without_replacement():
+  loss_fn, params, batch = linear_problem()
+  n, m = 40, 4
+  _, _, c, _ = dense_reference(loss_fn, params, batch)
+  tx = anisonoise.dynamic_isotropic_noise(batch_size=m, replacement=False,
+                                          key=0, **EXACT)
+  _, state = tx.update(params, tx.init(params), params, loss_fn=loss_fn,
+                       batch=batch)
+  np.testing.assert_allclose(state.trace,
+                             (n - m) / (n - 1) * np.trace(c) / m, rtol=1e-10)

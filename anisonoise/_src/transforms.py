@@ -165,6 +165,7 @@ def dynamic_isotropic_noise(
     *,
     batch_size: int | None = None,
     trace: chex.Numeric | None = None,
+    replacement: bool = True,
     refresh_every: int = 1,
     key: KeyLike | None = None,
     trace_estimator: str = "hutchinson",
@@ -191,6 +192,9 @@ def dynamic_isotropic_noise(
       default ``n``, the size of the batch passed to ``update``.
     trace: a fixed target trace instead (then ``loss_fn``/``batch`` are not
       needed). Not together with ``batch_size``.
+    replacement: the SGD whose noise trace is matched draws its
+      minibatches with replacement (``True``: ``Tr(C)/m``, paper Eq. 5) or
+      without (``False``: ``(n-m)/(n-1) Tr(C)/m``).
     refresh_every: re-estimate ``Tr(C)`` every this many steps.
     key: seed of the draws: an int (Python, NumPy or JAX integer,
       traced ones too, e.g. ``jax.vmap`` over seeds), a typed PRNG key or a
@@ -224,7 +228,7 @@ def dynamic_isotropic_noise(
   References:
     Zhu et al., ICML 2019, Table 1 and Eq. 14.
   """
-  magnitude = Magnitude(batch_size, trace)
+  magnitude = Magnitude(batch_size, trace, replacement)
   estimation = TraceEstimation(trace_estimator, num_probes, chunk_size)
 
   def init_factor(params):
@@ -259,6 +263,7 @@ def diagonal_noise(
     *,
     batch_size: int | None = None,
     trace: chex.Numeric | None = None,
+    replacement: bool = True,
     refresh_every: int = 1,
     key: KeyLike | None = None,
     trace_estimator: str = "hutchinson",
@@ -284,6 +289,9 @@ def diagonal_noise(
   Args:
     batch_size: SGD minibatch size ``m`` (default ``n``).
     trace: fixed target trace instead of ``batch_size``.
+    replacement: the SGD whose noise trace is matched draws its
+      minibatches with replacement (``True``: ``Tr(C)/m``, paper Eq. 5) or
+      without (``False``: ``(n-m)/(n-1) Tr(C)/m``).
     refresh_every: re-estimate ``diag(C)`` every this many steps.
     key: seed of the draws: an int (Python, NumPy or JAX integer,
       traced ones too, e.g. ``jax.vmap`` over seeds), a typed PRNG key or a
@@ -313,7 +321,7 @@ def diagonal_noise(
   References:
     Zhu et al., ICML 2019, Table 1.
   """
-  magnitude = Magnitude(batch_size, trace)
+  magnitude = Magnitude(batch_size, trace, replacement)
   estimation = TraceEstimation(trace_estimator, num_probes, chunk_size)
 
   def init_factor(params):
@@ -347,13 +355,14 @@ def diagonal_noise(
 
 
 def _low_rank(who: str, k: int, operator: Callable, weights: Callable,
-              of_covariance: bool, batch_size, trace, refresh_every, key,
+              of_covariance: bool, batch_size, trace, replacement,
+              refresh_every, key,
               num_iters, tol, max_matvecs, trace_estimator, num_probes,
               chunk_size) -> optax.GradientTransformationExtraArgs:
   """The public low-rank factories' arguments, checked and typed."""
   return low_rank_transform(
       who, operator, weights, Solver(k, num_iters, tol, max_matvecs),
-      Magnitude(batch_size, trace),
+      Magnitude(batch_size, trace, replacement),
       TraceEstimation(trace_estimator, num_probes, chunk_size,
                        allowed=("deflated", "hutchinson", "exact")),
       refresh_every, key, of_covariance)
@@ -384,6 +393,9 @@ _LOW_RANK_ARGS_DOC = """
     {k}batch_size: SGD minibatch size ``m`` whose noise trace ``Tr(C)/m`` is
       matched (default ``n``, the size of the batch passed to ``update``).
     trace: fixed target trace ``E||eps||^2`` instead of ``batch_size``.
+    replacement: the SGD whose noise trace is matched draws its
+      minibatches with replacement (``True``: ``Tr(C)/m``, paper Eq. 5) or
+      without (``False``: ``(n-m)/(n-1) Tr(C)/m``).
     refresh_every: re-estimate the eigenpairs (and the trace) every this many
       steps; noise is drawn every step.
     key: seed of the draws: an int (Python, NumPy or JAX integer,
@@ -445,6 +457,7 @@ def leading_noise(
     *,
     batch_size: int | None = None,
     trace: chex.Numeric | None = None,
+    replacement: bool = True,
     refresh_every: int = 1,
     key: KeyLike | None = None,
     num_iters: int | None = None,
@@ -483,7 +496,8 @@ def leading_noise(
     Zhu et al., ICML 2019, Table 1.
   """
   return _low_rank("leading_noise", k, _covariance_op, _clip, True,
-                   batch_size, trace, refresh_every, key, num_iters, tol,
+                   batch_size, trace, replacement, refresh_every, key,
+                   num_iters, tol,
                    max_matvecs,
                    trace_estimator, num_probes, chunk_size)
 
@@ -493,6 +507,7 @@ def hessian_noise(
     *,
     batch_size: int | None = None,
     trace: chex.Numeric | None = None,
+    replacement: bool = True,
     refresh_every: int = 1,
     key: KeyLike | None = None,
     num_iters: int | None = None,
@@ -534,7 +549,8 @@ def hessian_noise(
     10 steps).
   """
   return _low_rank("hessian_noise", k, _hessian_op, _clip, False,
-                   batch_size, trace, refresh_every, key, num_iters, tol,
+                   batch_size, trace, replacement, refresh_every, key,
+                   num_iters, tol,
                    max_matvecs,
                    trace_estimator, num_probes, chunk_size)
 
@@ -543,6 +559,7 @@ def hessian_eigvec_noise(
     *,
     batch_size: int | None = None,
     trace: chex.Numeric | None = None,
+    replacement: bool = True,
     refresh_every: int = 1,
     key: KeyLike | None = None,
     num_iters: int | None = None,
@@ -579,7 +596,8 @@ def hessian_eigvec_noise(
     Zhu et al., ICML 2019, Table 1 and Section 3.2.
   """
   return _low_rank("hessian_eigvec_noise", 1, _hessian_op, _first_only, False,
-                   batch_size, trace, refresh_every, key, num_iters, tol,
+                   batch_size, trace, replacement, refresh_every, key,
+                   num_iters, tol,
                    max_matvecs,
                    trace_estimator, num_probes, chunk_size)
 
