@@ -31,7 +31,7 @@ PROBE_CHUNK = 1
 ACCELERATOR_PROBE_CHUNK = 8
 
 
-KeyLike = int | np.integer | jax.Array
+KeyLike = int | jax.Array  # NumPy integers too (see canonical_key)
 
 _KEY_HELP = (
     "an int seed (Python or NumPy integer, or a JAX integer scalar, traced"
