@@ -250,3 +250,57 @@ def test_lanczos_unroll_choice(monkeypatch):
   assert curvature.lanczos_unroll(batch, None, 40) == (
       jax.default_backend() == "cpu")
   assert not curvature.lanczos_unroll(batch, None, 65)
+
+
+def test_defaults_form_no_n_squared_activations_nor_n_by_d():
+  """Without chunk_size, exact Tr(H Sigma) takes its n Hessian products a
+  few at a time (not n^2 examples' activations), and sgd_noise(trace=T)
+  estimates Tr(C) without the n x D per-example gradients."""
+  loss_fn, params, batch = mlp_problem()
+  n, d = 30, anisonoise._src.batching.num_params(params)
+  hidden = 16
+  escape = _max_intermediate_size(
+      lambda p, b: anisonoise.escape_indicator(loss_fn, p, b), params, batch)
+  assert escape < n * n * hidden, escape
+  tx = anisonoise.sgd_noise(trace=1.0, key=0)
+  state = tx.init(params)
+  step = _max_intermediate_size(
+      lambda p, b: tx.update(p, state, p, loss_fn=loss_fn, batch=b)[0],
+      params, batch)
+  assert step < n * d, step
+
+
+def test_stream_kernels_compile_once_for_a_loss_written_afresh():
+  """A stream's programs are found again for a loss_fn written anew at
+  every call, and the cache does not keep every loss (and its
+  executables) alive."""
+  import gc
+  import weakref
+
+  from anisonoise._src import sums
+
+  loss_fn, params, batch = mlp_problem()
+  stream = anisonoise.Batches([batch, batch])
+  traces = []
+
+  def counted(p, b):
+    traces.append(1)
+    return loss_fn(p, b)
+
+  for _ in range(3):
+    anisonoise.mean_gradient(lambda p, b: counted(p, b), params, stream)
+  assert len(traces) == 3 + 1  # a shape check per call, one compilation
+
+  class Scale:
+    pass
+
+  refs = []
+  for i in range(sums.KERNEL_CACHE_SIZE + 4):
+    scale = Scale()
+    scale.value = float(i + 1)
+    refs.append(weakref.ref(scale))
+    anisonoise.mean_gradient(
+        lambda p, b, s=scale: s.value * loss_fn(p, b), params, stream)
+  del scale
+  gc.collect()
+  assert refs[0]() is None and refs[-1]() is not None

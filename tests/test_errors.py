@@ -123,7 +123,7 @@ def test_params_none(make):
 
 
 def test_bad_key():
-  with pytest.raises(ValueError, match="key must be an int seed or a PRNG"):
+  with pytest.raises(ValueError, match="key must be an int seed"):
     anisonoise.sgd_noise(key="seed")
 
 
@@ -169,3 +169,45 @@ def test_fixed_trace_dynamic_needs_no_loss():
   u, s = tx.update(params, tx.init(params), params)
   assert float(s.trace) == pytest.approx(0.3)
   assert float(jnp.abs(u["w"]).max()) > 0
+
+
+@pytest.mark.parametrize("bad", [0, -4, 2.5, True])
+def test_sgd_noise_sampling_batch_size(bad):
+  loss_fn, params, batch = linear_problem()
+  with pytest.raises(ValueError, match="batch_size must be an int >= 1"):
+    anisonoise.sample_sgd_noise(loss_fn, params, batch, 0, batch_size=bad)
+  with pytest.raises(ValueError, match="batch_size must be an int >= 1"):
+    anisonoise.sgd_noise_sampler(loss_fn, params, batch, batch_size=bad)
+
+
+def test_numpy_integers_accepted_and_bools_refused():
+  import numpy as np
+
+  i = np.int64
+  anisonoise.hessian_noise(i(2), batch_size=i(4), refresh_every=i(2),
+                           num_probes=i(3), chunk_size=i(8), num_iters=i(12),
+                           max_matvecs=i(12), key=i(0))
+  anisonoise.diagonal_noise(batch_size=np.int32(4), num_probes=i(2))
+  with pytest.raises(ValueError, match="k must be an int >= 1, got True"):
+    anisonoise.leading_noise(True)
+
+
+def test_max_matvecs_below_one_cycle_refused_at_construction():
+  with pytest.raises(ValueError, match="max_matvecs=3 is below the 15"):
+    anisonoise.hessian_noise(5, max_matvecs=3)
+
+
+def test_stream_passed_to_a_transform():
+  loss_fn, params, batch = linear_problem()
+  tx = anisonoise.hessian_noise(2, key=0)
+  with pytest.raises(ValueError, match="not a Batches stream"):
+    tx.update(params, tx.init(params), params, loss_fn=loss_fn,
+              batch=anisonoise.Batches([batch]))
+
+
+def test_integer_loss():
+  loss_fn, params, batch = linear_problem()
+  tx = anisonoise.sgd_noise(key=0)
+  with pytest.raises(ValueError, match="must be floating point"):
+    tx.update(params, tx.init(params), params, batch=batch,
+              loss_fn=lambda p, b: loss_fn(p, b).astype(jnp.int32))

@@ -54,7 +54,8 @@ def _targets(loss_fn, params, batch):
       "eigvec": (anisonoise.hessian_eigvec_noise(batch_size=M, **EXACT),
                  t * np.outer(uh[:, 0], uh[:, 0])),
       "sgd": (anisonoise.sgd_noise(batch_size=M), c / M),
-      "sgd_trace": (anisonoise.sgd_noise(trace=0.5), 0.5 * c / np.trace(c)),
+      "sgd_trace": (anisonoise.sgd_noise(trace=0.5, **EXACT),
+                    0.5 * c / np.trace(c)),
       "leading_full": (anisonoise.leading_noise(d, trace=0.5),
                        0.5 * c / np.trace(c)),
   }
@@ -370,8 +371,60 @@ def test_low_rank_tol_converges_the_cached_eigenpairs():
   assert errors[1e-3] <= 1e-3 * ref[0]
   with pytest.raises(ValueError, match="tol must be positive"):
     anisonoise.leading_noise(3, batch_size=4, tol=-1.0)
-  with pytest.raises(ValueError, match="max_matvecs must be an int >= num"):
-    tx = anisonoise.leading_noise(3, batch_size=4, max_matvecs=5)
-    tx.update(params, tx.init(params), params, loss_fn=loss_fn, batch=batch)
+  with pytest.raises(ValueError, match="max_matvecs=5 is below the 13"):
+    anisonoise.leading_noise(3, batch_size=4, max_matvecs=5)
   with pytest.raises(ValueError, match="max_matvecs"):
     anisonoise.hessian_eigvec_noise(batch_size=4, max_matvecs=0)
+
+
+def test_eigvec_noise_is_zero_without_positive_curvature():
+  """As hessian_noise with every lambda_j <= 0: no noise along u_1 when
+  lambda_1 <= 0."""
+  loss_fn, params, batch = linear_problem()
+  concave = lambda p, b: -loss_fn(p, b)  # noqa: E731  H = -X^T X / n < 0
+  for tx in (anisonoise.hessian_eigvec_noise(trace=1.0, key=0),):
+    eps = jax.jit(lambda s, tx=tx: tx.update(
+        jnp.zeros_like(params), s, params, loss_fn=concave, batch=batch)[0])(
+            tx.init(params))
+    np.testing.assert_array_equal(eps, 0)
+
+
+def test_sgd_noise_without_replacement_matches_the_dense_definition():
+  """Cov of the mean gradient of m distinct examples of n, minus gbar
+  (enumerated over every subset): (n-m)/(n-1) C/m; with replacement C/m.
+  The draws are G_c^T z with the same z, so one draw checks the scale."""
+  import itertools
+
+  loss_fn, params, batch = linear_problem(n=7, d=3)
+  n, m = 7, 3
+  g, gbar, c, _ = dense_reference(loss_fn, params, batch)
+  subsets = [np.mean(g[list(s)], axis=0) - gbar
+             for s in itertools.combinations(range(n), m)]
+  exact = np.mean([np.outer(v, v) for v in subsets], axis=0)
+  scale = (n - m) / ((n - 1) * m)
+  np.testing.assert_allclose(exact, scale * c, rtol=1e-10, atol=1e-14)
+  draw = {r: anisonoise.sample_sgd_noise(loss_fn, params, batch, 5,
+                                         batch_size=m, replacement=r)
+          for r in (True, False)}
+  np.testing.assert_allclose(draw[False], np.sqrt(scale * m) * draw[True],
+                             rtol=1e-12)
+  tx = anisonoise.sgd_noise(batch_size=m, replacement=False, key=5)
+  # The transform's draw is the function's with its own noise key.
+  eps = tx.update(jnp.zeros_like(params), tx.init(params), params,
+                  loss_fn=loss_fn, batch=batch)[0]
+  tx1 = anisonoise.sgd_noise(batch_size=m, key=5)
+  eps1 = tx1.update(jnp.zeros_like(params), tx1.init(params), params,
+                    loss_fn=loss_fn, batch=batch)[0]
+  np.testing.assert_allclose(eps, np.sqrt(scale * m) * eps1, rtol=1e-12)
+
+
+def test_matched_trace_without_replacement():
+  loss_fn, params, batch = linear_problem()
+  n, m = 40, 4
+  _, _, c, _ = dense_reference(loss_fn, params, batch)
+  tx = anisonoise.dynamic_isotropic_noise(batch_size=m, replacement=False,
+                                          key=0, **EXACT)
+  _, state = tx.update(params, tx.init(params), params, loss_fn=loss_fn,
+                       batch=batch)
+  np.testing.assert_allclose(state.trace,
+                             (n - m) / (n - 1) * np.trace(c) / m, rtol=1e-10)

@@ -120,6 +120,13 @@ def check_loss_and_batch(
         " Return the vector of losses before averaging (e.g. drop the final"
         " .mean())."
     )
+  if not jnp.issubdtype(out.dtype, jnp.floating):
+    raise ValueError(
+        f"{who}: loss_fn(params, batch) returned dtype {out.dtype}; the"
+        " per-example losses must be floating point to be differentiated"
+        " (compute them in the parameters' float dtype, e.g. cast labels"
+        " or counts with .astype(jnp.float32) before the loss)."
+    )
   return n
 
 
@@ -164,12 +171,19 @@ def check_static(name: str, value: Any) -> None:
         f" hyperparameters (std, trace, batch_size, tol) can be injected.")
 
 
-def check_positive_int(name: str, value: Any) -> None:
-  """Raises ``ValueError`` unless ``value`` is an int >= 1 (bools refused;
-  an array is refused by :func:`check_static`)."""
+def is_int(value: Any) -> bool:
+  """True for a Python or NumPy integer (bools are not integers here)."""
+  return (isinstance(value, (int, np.integer))
+          and not isinstance(value, (bool, np.bool_)))
+
+
+def check_positive_int(name: str, value: Any) -> int:
+  """``value`` as an ``int``; ``ValueError`` unless it is a Python or NumPy
+  integer >= 1 (bools refused)."""
   check_static(name, value)
-  if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+  if not is_int(value) or value < 1:
     raise ValueError(f"{name} must be an int >= 1, got {value!r}.")
+  return int(value)
 
 
 # Chunks are looped over (``lax.scan``) unless a caller asks otherwise: only
@@ -190,10 +204,7 @@ def check_positive_int(name: str, value: Any) -> None:
 def check_chunk_size(chunk_size: int | None) -> None:
   """Raises ``ValueError`` unless ``chunk_size`` is ``None`` or an int >= 1."""
   check_static("chunk_size", chunk_size)
-  if chunk_size is not None and (
-      isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
-      or chunk_size < 1
-  ):
+  if chunk_size is not None and (not is_int(chunk_size) or chunk_size < 1):
     raise ValueError(
         f"chunk_size must be a positive int or None (all examples at once),"
         f" got {chunk_size!r}."
@@ -460,3 +471,31 @@ def map_chunks(
   else:
     stacked = jax.lax.map(jax.vmap(fn), parts)
   return from_chunks(stacked, plan)
+
+
+@jax.custom_batching.custom_vmap
+def any_over_batch(pred: jax.Array) -> jax.Array:
+  """``pred`` itself, but under ``jax.vmap`` the ``any`` of it over the
+  mapped axis, unbatched.
+
+  A ``lax.cond`` on a batched predicate becomes a ``select`` that runs both
+  branches; on this one it stays a ``cond``. So S seeds mapped over one
+  jitted step run a refresh only at the steps where some seed refreshes,
+  and the step costs about S times one seed's.
+  """
+  return pred
+
+
+@any_over_batch.def_vmap
+def _any_over_batch_vmap(axis_size, in_batched, pred):
+  del axis_size
+  (batched,) = in_batched
+  if not batched:
+    return any_over_batch(pred), False
+  # Calling itself again keeps an enclosing vmap unbatched too.
+  return any_over_batch(jnp.any(pred, axis=0)), False
+
+
+def where_tree(pred: jax.Array, on_true: Any, on_false: Any) -> Any:
+  """``jnp.where(pred, a, b)`` leaf by leaf over two like pytrees."""
+  return jax.tree.map(lambda a, c: jnp.where(pred, a, c), on_true, on_false)

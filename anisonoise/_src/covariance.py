@@ -28,10 +28,11 @@ of ``batch``.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.flatten_util import ravel_pytree
 
@@ -108,7 +109,7 @@ def covariance_diagonal(
     *,
     chunk_size: int | None = None,
     method: str = "exact",
-    key: jax.Array | None = None,
+    key: estimators.KeyLike | None = None,
     num_probes: int = 8,
 ) -> Params:
   """The diagonal of the gradient covariance ``C`` (paper Eq. 5, times m).
@@ -140,7 +141,7 @@ def covariance_diagonal(
     chunk_size: examples per vectorised chunk (memory ``chunk_size x D``
       exact; one chunk's activations per probe with ``"hutchinson"``).
     method: ``"exact"`` or ``"hutchinson"``.
-    key: PRNG key (``"hutchinson"`` only, required there).
+    key: int seed or PRNG key (``"hutchinson"`` only, required there).
     num_probes: number of probes for ``"hutchinson"``.
 
   Returns:
@@ -156,7 +157,7 @@ def covariance_diagonal(
   """
   batching.check_chunk_size(chunk_size)
   n = sums.check_data(loss_fn, params, batch, "covariance_diagonal")
-  estimators.check_method("covariance_diagonal", method, _METHODS,
+  key = estimators.check_method("covariance_diagonal", method, _METHODS,
                           random="hutchinson", key=key,
                           num_samples=num_probes)
   if method == "hutchinson":
@@ -184,7 +185,7 @@ def covariance_trace(
     *,
     method: str = "exact",
     chunk_size: int | None = None,
-    key: jax.Array | None = None,
+    key: estimators.KeyLike | None = None,
     num_probes: int = 32,
     deflate: Params | None = None,
     in_span: jax.Array | None = None,
@@ -224,7 +225,7 @@ def covariance_trace(
     batch: pytree of arrays with the examples along axis 0.
     method: ``"exact"`` or ``"hutchinson"``.
     chunk_size: examples per chunk, for every pass.
-    key: PRNG key for ``"hutchinson"`` (required there).
+    key: int seed or PRNG key for ``"hutchinson"`` (required there).
     num_probes: number of probes for ``"hutchinson"``.
     deflate: ``"hutchinson"`` only: a pytree like ``params`` whose leaves
       have a leading axis of size ``k``, ``k`` orthonormal vectors
@@ -247,7 +248,7 @@ def covariance_trace(
     Meyer, Musco, Musco and Woodruff, `Hutch++: Optimal Stochastic Trace
     Estimation <https://arxiv.org/abs/2010.09649>`_, SOSA 2021.
   """
-  estimators.check_method("covariance_trace", method, _METHODS,
+  key = estimators.check_method("covariance_trace", method, _METHODS,
                           random="hutchinson", key=key,
                           num_samples=num_probes)
   if in_span is not None and deflate is None:
@@ -371,12 +372,48 @@ def covariance_operator(
   return matvec
 
 
+def check_replacement(replacement: Any) -> None:
+  if not isinstance(replacement, bool):
+    raise ValueError(
+        "replacement must be True (minibatches drawn with replacement, SGD"
+        " noise C/m, paper Eq. 5) or False (without, (n-m)/(n-1) C/m), got"
+        f" {replacement!r}.")
+
+
+def sgd_scale(n: int, m: int, replacement: bool) -> float:
+  """The factor ``s`` of SGD's noise covariance ``s C`` for minibatches of
+  ``m`` of the ``n`` examples: ``1/m`` drawn with replacement (paper Eq.
+  5), ``(n - m) / ((n - 1) m)`` without (0 at ``m = n``: full-batch GD)."""
+  if replacement:
+    return 1.0 / m
+  if m > n:
+    raise ValueError(
+        f"batch_size={m} is larger than the batch of n={n} examples;"
+        " minibatches drawn without replacement (replacement=False) hold at"
+        " most n examples.")
+  return 0.0 if n == 1 else (n - m) / ((n - 1) * m)
+
+
+def _sgd_scale_of(who, n, batch_size, replacement):
+  """``s`` for ``batch_size`` (checked; default ``n``) and
+  ``replacement``."""
+  if isinstance(batch_size, (jax.Array, np.ndarray)) and replacement is True:
+    # A scheduled noise scale (optax.inject_hyperparams): s = 1/m, any m > 0.
+    return 1.0 / batch_size
+  if batch_size is not None:
+    batch_size = batching.check_positive_int(f"{who}: batch_size",
+                                             batch_size)
+  check_replacement(replacement)
+  return sgd_scale(n, n if batch_size is None else batch_size, replacement)
+
+
 def sgd_noise_sampler(
     loss_fn: LossFn,
     params: Params,
     batch: Batch,
     *,
     batch_size: int | None = None,
+    replacement: bool = True,
     chunk_size: int | None = None,
 ) -> Callable[[jax.Array], Params]:
   """``key -> eps ~ N(0, C/m)``, linearised once for many draws.
@@ -389,7 +426,9 @@ def sgd_noise_sampler(
     loss_fn: ``loss_fn(params, batch) -> (n,)`` per-example losses.
     params: parameters pytree.
     batch: the estimation batch, or a :class:`anisonoise.Batches` stream.
-    batch_size: the minibatch size ``m`` (default ``n``).
+    batch_size: the minibatch size ``m`` (default ``n``), an int >= 1.
+    replacement: as in :func:`sample_sgd_noise`: ``C/m`` (``True``) or
+      ``(n-m)/(n-1) C/m`` (``False``).
     chunk_size: examples per chunk (``None``: one linearised pass; with a
       chunk size every draw is a pass over the chunks).
 
@@ -406,13 +445,13 @@ def sgd_noise_sampler(
   """
   batching.check_chunk_size(chunk_size)
   n = sums.check_data(loss_fn, params, batch, "sgd_noise_sampler")
-  m = n if batch_size is None else batch_size
+  s = _sgd_scale_of("sgd_noise_sampler", n, batch_size, replacement)
   if not sums.is_single_pass(batch, chunk_size):
-    return lambda key: _chunked_noise(loss_fn, params, batch, key, n, m,
+    return lambda key: _chunked_noise(loss_fn, params, batch, key, n, s,
                                       chunk_size)
   transposed = jacobian_transpose(loss_fn, params, batch)
   dtype = jnp.result_type(*jax.tree.leaves(params))
-  return lambda key: transposed(_centred_normal(key, n, m, dtype))
+  return lambda key: transposed(_centred_normal(key, n, s, dtype))
 
 
 def jacobian_transpose(
@@ -438,18 +477,18 @@ def jacobian_transpose(
   return apply
 
 
-def _centred_normal(key, n, m, dtype):
-  """``(z - mean(z)) / sqrt(m n)``, ``z ~ N(0, I_n)``: the weights of an
-  SGD-noise draw ``G^T z``."""
-  z = jax.random.normal(key, (n,), dtype=dtype)
-  return (z - jnp.mean(z)) / jnp.sqrt(jnp.asarray(m * n, dtype))
+def _centred_normal(key, n, s, dtype):
+  """``(z - mean(z)) sqrt(s / n)``, ``z ~ N(0, I_n)``: the weights of an
+  SGD-noise draw ``G^T z`` of covariance ``s C``."""
+  z = jax.random.normal(estimators.canonical_key(key), (n,), dtype=dtype)
+  return (z - jnp.mean(z)) * jnp.sqrt(jnp.asarray(s / n, dtype))
 
 
-def _chunked_noise(loss_fn, params, batch, key, n, m, chunk_size):
+def _chunked_noise(loss_fn, params, batch, key, n, s, chunk_size):
   """``G^T z`` accumulated chunk by chunk (or batch by batch); the same
   ``z`` as the one-pass draw, so the same number."""
   dtype = jnp.result_type(*jax.tree.leaves(params))
-  z = _centred_normal(key, n, m, dtype)
+  z = _centred_normal(key, n, s, dtype)
   return jacobian_transpose(loss_fn, params, batch, chunk_size=chunk_size)(z)
 
 
@@ -457,26 +496,34 @@ def sample_sgd_noise(
     loss_fn: LossFn,
     params: Params,
     batch: Batch,
-    key: jax.Array,
+    key: estimators.KeyLike,
     *,
     batch_size: int | None = None,
+    replacement: bool = True,
     chunk_size: int | None = None,
 ) -> Params:
   """An exact draw from ``N(0, C/m)``, the SGD noise of paper Eq. 5.
 
   .. math::
-    \\epsilon = \\frac{1}{\\sqrt{m n}} G^\\top (z - \\bar z \\mathbf 1),
+    \\epsilon = \\sqrt{\\tfrac{s}{n}}\\, G^\\top (z - \\bar z \\mathbf 1),
     \\quad z \\sim N(0, I_n),
 
-  whose covariance is ``G_c^T G_c / (m n) = C / m``. It costs one backward
-  pass with random weights on the per-example losses.
+  whose covariance is ``s G_c^T G_c / n = s C``: ``s = 1/m`` for minibatches
+  of ``m`` drawn with replacement (paper Eq. 5), ``s = (n-m) / ((n-1) m)``
+  without (``replacement=False``: the exact covariance of the mean of
+  ``m`` distinct examples, 7.7% smaller at ``n = 40``, ``m = 4``, zero at
+  ``m = n``). It costs one backward pass with random weights on the
+  per-example losses.
 
   Args:
     loss_fn: ``loss_fn(params, batch) -> (n,)`` per-example losses.
     params: parameters pytree.
     batch: the estimation batch.
-    key: PRNG key.
-    batch_size: the minibatch size ``m`` whose noise is drawn (default ``n``).
+    key: int seed or PRNG key.
+    batch_size: the minibatch size ``m`` whose noise is drawn (default
+      ``n``), an int >= 1 (at most ``n`` without replacement).
+    replacement: minibatches drawn with (``True``) or without (``False``)
+      replacement.
     chunk_size: examples per chunk (the backward pass runs chunk by chunk;
       the draw is the same).
 
@@ -494,10 +541,10 @@ def sample_sgd_noise(
   """
   batching.check_chunk_size(chunk_size)
   n = sums.check_data(loss_fn, params, batch, "sample_sgd_noise")
-  m = n if batch_size is None else batch_size
+  s = _sgd_scale_of("sample_sgd_noise", n, batch_size, replacement)
   if not sums.is_single_pass(batch, chunk_size):
-    return _chunked_noise(loss_fn, params, batch, key, n, m, chunk_size)
+    return _chunked_noise(loss_fn, params, batch, key, n, s, chunk_size)
   losses, vjp_fn = jax.vjp(lambda p: loss_fn(p, batch), params)
-  z = _centred_normal(key, n, m, losses.dtype)
+  z = _centred_normal(key, n, s, losses.dtype)
   (eps,) = vjp_fn(batching.match_sharding(z, losses))
   return eps

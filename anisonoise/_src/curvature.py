@@ -724,8 +724,14 @@ def _recycled_eigenpairs(mv, unravel, init_subspace, k, key, num_iters, tol,
       start = (settle if bool(_converged(pairs, k, tol)) else unsettled)(
           pairs)
     else:
-      start = jax.lax.cond(_converged(pairs, k, tol), settle, unsettled,
-                           pairs)
+      # Under jax.vmap (seeds) each predicate is reduced over the seeds, so
+      # that a cond stays a cond (a batched one runs both branches); the
+      # branch taken then selects per seed, which is exact.
+      due = _converged(pairs, k, tol)
+      start = jax.lax.cond(
+          batching.any_over_batch(due),
+          lambda p: batching.where_tree(due, settle(p), unsettled(p)),
+          unsettled, pairs)
     start_pairs, passed, spent = start
 
     def done(pairs, spent):
@@ -734,7 +740,10 @@ def _recycled_eigenpairs(mv, unravel, init_subspace, k, key, num_iters, tol,
     if eager:
       ritz, used = (done if bool(passed) else full)(start_pairs, spent)
     else:
-      ritz, used = jax.lax.cond(passed, done, full, start_pairs, spent)
+      ritz, used = jax.lax.cond(
+          batching.any_over_batch(~passed),
+          lambda p, s: batching.where_tree(passed, done(p, s), full(p, s)),
+          done, start_pairs, spent)
   converged = _converged(ritz, k, check)
   _warn_unconverged(tol, converged, ritz, k, check, used)
   return EigenResult(ritz.values, jax.vmap(unravel)(ritz.vectors),

@@ -49,7 +49,7 @@ def escape_indicator(
     *,
     batch_size: int | None = None,
     method: str = "exact",
-    key: jax.Array | None = None,
+    key: estimators.KeyLike | None = None,
     num_samples: int = 100,
     chunk_size: int | None = None,
 ) -> jax.Array | MonteCarloEstimate:
@@ -61,9 +61,11 @@ def escape_indicator(
 
   ``method="exact"`` evaluates the sum with one Hessian-vector product per
   example (per-example gradients in chunks, HVPs from one linearisation), so
-  it costs ``n`` HVPs and ``chunk_size`` HVPs' memory at once: the choice
-  for small models (on the paper's LeNet with 1,200 images, chunks of 100
-  asked for 72 GB). ``method="stochastic"``
+  it costs ``n`` HVPs, each over the whole batch, taken ``chunk_size`` at a
+  time (default: as many as the stochastic method's probes, 1 on a CPU and
+  8 on an accelerator, so ``n`` such examples' activations at once, not
+  ``n^2``): the choice for small batches (on the paper's LeNet with 1,200
+  images, chunks of 100 asked for 72 GB). ``method="stochastic"``
   averages ``eps^T H eps`` over ``eps ~ N(0, Sigma_sgd)`` drawn matrix-free
   (:func:`sgd_noise_sampler`, linearised once): one transposed linear pass
   and one HVP per sample (vectorised by backend, ``probe_chunk``), and an
@@ -81,7 +83,7 @@ def escape_indicator(
       :class:`anisonoise.Batches` stream (``"stochastic"`` only).
     batch_size: the SGD minibatch size ``m`` (default ``n``).
     method: ``"exact"`` or ``"stochastic"``.
-    key: PRNG key (``"stochastic"`` only).
+    key: int seed or PRNG key (``"stochastic"`` only).
     num_samples: number of draws (``"stochastic"`` only).
     chunk_size: examples per chunk, for every pass.
 
@@ -100,7 +102,7 @@ def escape_indicator(
   """
   _check_batch_size(batch_size)
   batching.check_chunk_size(chunk_size)
-  estimators.check_method(
+  key = estimators.check_method(
       "escape_indicator", method,
       {"exact": "a Hessian product per example",
        "stochastic": "SGD-noise draws"},
@@ -126,7 +128,10 @@ def escape_indicator(
       quads = jax.vmap(lambda v: optax.tree_utils.tree_vdot(v, h_op(v)))(g)
       return batching.weighted_sum(quads, w)
 
-    total = batching.fold_chunks(on_chunk, batch, chunk_size)
+    # Without chunk_size, the examples' products are still taken a few at
+    # a time (all n at once would hold n^2 examples' activations).
+    per_pass = estimators.probe_chunk() if chunk_size is None else chunk_size
+    total = batching.fold_chunks(on_chunk, batch, per_pass)
     return total / (m * n)
   draw = covariance.sgd_noise_sampler(loss_fn, params, batch, batch_size=m,
                                       chunk_size=chunk_size)
@@ -146,7 +151,7 @@ def hessian_trace(
     batch: Batch,
     *,
     method: str = "exact",
-    key: jax.Array | None = None,
+    key: estimators.KeyLike | None = None,
     num_probes: int = 100,
     chunk_size: int | None = None,
 ) -> jax.Array | MonteCarloEstimate:
@@ -162,7 +167,7 @@ def hessian_trace(
     params: the point ``theta``.
     batch: the estimation batch, or an :class:`anisonoise.Batches` stream.
     method: ``"exact"`` or ``"hutchinson"``.
-    key: PRNG key (``"hutchinson"`` only).
+    key: int seed or PRNG key (``"hutchinson"`` only).
     num_probes: number of probes (``"hutchinson"`` only).
     chunk_size: examples per chunk, for every Hessian product.
 
@@ -176,7 +181,7 @@ def hessian_trace(
     >>> float(anisonoise.hessian_trace(loss_fn, jnp.zeros(2), batch))
     2.5
   """
-  estimators.check_method(
+  key = estimators.check_method(
       "hessian_trace", method,
       {"exact": "D Hessian products", "hutchinson": "random probes"},
       random="hutchinson", key=key, num_samples=num_probes)
@@ -235,7 +240,7 @@ def isotropic_escape_indicator(
     *,
     batch_size: int | None = None,
     hessian_trace_method: str = "exact",
-    key: jax.Array | None = None,
+    key: estimators.KeyLike | None = None,
     num_probes: int = 100,
     chunk_size: int | None = None,
 ) -> jax.Array:
@@ -256,7 +261,7 @@ def isotropic_escape_indicator(
     batch: the estimation batch, or an :class:`anisonoise.Batches` stream.
     batch_size: the SGD minibatch size ``m`` (default ``n``).
     hessian_trace_method: ``"exact"`` or ``"hutchinson"``.
-    key: PRNG key for Hutchinson.
+    key: int seed or PRNG key for Hutchinson.
     num_probes: Hutchinson probes.
     chunk_size: examples per chunk, for every pass.
 
@@ -323,7 +328,7 @@ def projection_coefficient(
     params: Params,
     batch: Batch,
     *,
-    key: jax.Array,
+    key: estimators.KeyLike,
     num_iters: int = 30,
     hessian_trace_method: str = "exact",
     num_probes: int = 100,
@@ -343,7 +348,7 @@ def projection_coefficient(
     loss_fn: ``loss_fn(params, batch) -> (n,)`` per-example losses.
     params: the point ``theta``.
     batch: the estimation batch, or an :class:`anisonoise.Batches` stream.
-    key: PRNG key (Lanczos start; Hutchinson probes).
+    key: int seed or PRNG key (Lanczos start; Hutchinson probes).
     num_iters: Lanczos iterations for ``(lambda_1, u_1)``.
     hessian_trace_method: ``"exact"`` (``D`` HVPs) or ``"hutchinson"``.
     num_probes: Hutchinson probes.
@@ -366,7 +371,7 @@ def projection_coefficient(
   """
   batching.check_chunk_size(chunk_size)
   sums.check_data(loss_fn, params, batch, "projection_coefficient")
-  eig_key, tr_key = jax.random.split(key)
+  eig_key, tr_key = jax.random.split(estimators.canonical_key(key))
   d = batching.num_params(params)
   top = curvature.top_eigenpairs(
       curvature.hessian_operator(loss_fn, params, batch,
@@ -444,7 +449,7 @@ def expected_sharpness(
     params: Params,
     batch: Batch,
     *,
-    key: jax.Array,
+    key: estimators.KeyLike,
     delta: float = 0.01,
     num_samples: int = 1000,
     samples_per_chunk: int = 10,
@@ -468,7 +473,7 @@ def expected_sharpness(
     params: the point ``theta``.
     batch: the batch on which ``L`` is the mean loss, or an
       :class:`anisonoise.Batches` stream.
-    key: PRNG key.
+    key: int seed or PRNG key.
     delta: perturbation standard deviation (> 0; the paper uses 0.01).
     num_samples: ``M`` (the paper uses 1,000).
     samples_per_chunk: perturbations evaluated at once.
@@ -503,7 +508,7 @@ def expected_sharpness(
   def perturbation(k):
     return unravel(jax.random.normal(k, flat.shape, flat.dtype) * delta)
 
-  keys = jax.random.split(key, num_samples)
+  keys = jax.random.split(estimators.canonical_key(key), num_samples)
   if isinstance(batch, sums.Batches):
     parts = []
     for start in range(0, num_samples, samples_per_chunk):
@@ -544,7 +549,7 @@ def hessian_spectrum(
     batch: Batch,
     *,
     num_eigs: int,
-    key: jax.Array,
+    key: estimators.KeyLike,
     num_iters: int | None = None,
     tol: float | None = 1e-3,
     max_matvecs: int | None = None,
@@ -566,7 +571,7 @@ def hessian_spectrum(
     params: the point ``theta``.
     batch: the estimation batch, or an :class:`anisonoise.Batches` stream.
     num_eigs: how many eigenvalues (largest algebraic first).
-    key: PRNG key for the start vector.
+    key: int seed or PRNG key for the start vector.
     num_iters: Krylov basis size (products of the first cycle).
     tol: residual tolerance relative to the largest ``|lambda_j|``;
       ``None``: one cycle.
@@ -597,8 +602,8 @@ def hessian_spectrum(
   res = curvature.top_eigenpairs(
       curvature.hessian_operator(loss_fn, params, batch,
                                  chunk_size=chunk_size), params, num_eigs,
-      key=key, num_iters=num_iters, tol=tol, max_matvecs=max_matvecs,
-      unroll=unroll)
+      key=estimators.canonical_key(key), num_iters=num_iters, tol=tol,
+      max_matvecs=max_matvecs, unroll=unroll)
   return HessianSpectrum(res.eigenvalues, res.residual_norms,
                          res.num_matvecs, res.converged)
 
@@ -627,7 +632,7 @@ def spectral_density(
     params: Params,
     batch: Batch,
     *,
-    key: jax.Array,
+    key: estimators.KeyLike,
     num_probes: int = 8,
     num_iters: int = 60,
     grid_size: int = 1000,
@@ -650,7 +655,7 @@ def spectral_density(
     loss_fn: ``loss_fn(params, batch) -> (n,)`` per-example losses.
     params: the point ``theta``.
     batch: the estimation batch, or an :class:`anisonoise.Batches` stream.
-    key: PRNG key for the probes.
+    key: int seed or PRNG key for the probes.
     num_probes: number of probes ``P``.
     num_iters: Lanczos steps per probe ``m`` (at most ``D``).
     grid_size: number of grid points.
@@ -691,7 +696,8 @@ def spectral_density(
     return theta, jnp.square(y[0])
 
   nodes, weights = estimators.map_probes(
-      probe, jax.random.split(key, num_probes), batch)
+      probe, jax.random.split(estimators.canonical_key(key), num_probes),
+      batch)
   lo, hi = jnp.min(nodes), jnp.max(nodes)
   span = jnp.maximum(hi - lo, 1e-12 * jnp.maximum(1.0, jnp.abs(hi)))
   width = 0.01 * span if sigma is None else jnp.asarray(sigma, dtype)

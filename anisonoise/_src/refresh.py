@@ -24,9 +24,11 @@ import optax
 from anisonoise._src import batching
 from anisonoise._src import covariance
 from anisonoise._src import curvature
+from anisonoise._src import estimators
+from anisonoise._src import sums
+from anisonoise._src.estimators import KeyLike, canonical_key
 
 Params = Any
-KeyLike = int | jax.Array
 
 
 # --------------------------------------------------------------------------
@@ -35,10 +37,17 @@ KeyLike = int | jax.Array
 
 
 class IsotropicNoiseState(NamedTuple):
-  """State of :func:`isotropic_noise`."""
+  """State of :func:`isotropic_noise`: ``count`` (int32, updates so far) and
+  ``rng_key``.
+
+  In every state of the library ``rng_key`` is the raw data of the PRNG key
+  of the next draw (``uint32``, ``jax.random.key_data``; the key itself is
+  ``jax.random.wrap_key_data(state.rng_key)``), so that the states are plain
+  arrays that ``flax.serialization`` and orbax write and read back.
+  """
 
   count: chex.Array  # int32, number of updates so far
-  rng_key: chex.PRNGKey
+  rng_key: chex.Array  # uint32 key data
 
 
 class TraceFactor(NamedTuple):
@@ -72,7 +81,7 @@ class LowRankFactor(NamedTuple):
   first refresh).
   The noise covariance is ``trace * sum_j c_j v_j v_j^T / sum_j c_j`` with
   ``c_j = max(lambda_j, 0)`` (and ``c = (1, 0, ...)`` for the
-  1st-eigenvector noise).
+  1st-eigenvector noise, ``0`` when ``lambda_1 <= 0``).
   """
 
   trace: chex.Array
@@ -99,7 +108,7 @@ class DynamicIsotropicNoiseState(NamedTuple):
   cached :class:`TraceFactor` (``state.trace`` reads ``factor.trace``)."""
 
   count: chex.Array
-  rng_key: chex.PRNGKey
+  rng_key: chex.Array  # uint32 key data
   num_rejected: chex.Array
   factor: TraceFactor
 
@@ -110,7 +119,7 @@ class DiagonalNoiseState(NamedTuple):
   and ``state.diagonal`` read its fields)."""
 
   count: chex.Array
-  rng_key: chex.PRNGKey
+  rng_key: chex.Array  # uint32 key data
   num_rejected: chex.Array
   factor: DiagonalFactor
 
@@ -125,7 +134,7 @@ class LowRankNoiseState(NamedTuple):
   and ``state.converged``, the last refresh's flag, read its fields)."""
 
   count: chex.Array
-  rng_key: chex.PRNGKey
+  rng_key: chex.Array  # uint32 key data
   num_rejected: chex.Array
   num_unconverged: chex.Array
   factor: LowRankFactor
@@ -143,7 +152,7 @@ class SgdNoiseState(NamedTuple):
   """State of :func:`sgd_noise`."""
 
   count: chex.Array
-  rng_key: chex.PRNGKey
+  rng_key: chex.Array  # uint32 key data
 
 
 # --------------------------------------------------------------------------
@@ -151,22 +160,23 @@ class SgdNoiseState(NamedTuple):
 # --------------------------------------------------------------------------
 
 
-def canonical_key(key: KeyLike) -> jax.Array:
-  if isinstance(key, int) and not isinstance(key, bool):
-    return jax.random.key(key)
-  if not isinstance(key, (jax.Array, jax.core.Tracer)):
-    raise ValueError(
-        "key must be an int seed or a PRNG key (jax.random.key(0)), got"
-        f" {key!r}."
-    )
-  if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-    return key
-  if key.dtype == jnp.uint32 and key.shape == (2,):
-    return jax.random.wrap_key_data(key)
-  raise ValueError(
-      "key must be an int seed or a PRNG key (jax.random.key(0)), got"
-      f" {key!r}."
-  )
+def transform_key(key: KeyLike | None) -> jax.Array:
+  """The key of a transform: ``key`` canonicalised, or with ``key=None`` a
+  stream of its own (:func:`estimators.default_key`)."""
+  return estimators.default_key() if key is None else canonical_key(key)
+
+
+def key_data(key: jax.Array) -> jax.Array:
+  """What a state stores of ``key``: its raw ``uint32`` data."""
+  return jax.random.key_data(key)
+
+
+def state_key(rng_key: jax.Array) -> jax.Array:
+  """The typed key of a state's ``rng_key``: its raw data wrapped, or a
+  typed key put there by the user (``state._replace(rng_key=key)``)."""
+  if jnp.issubdtype(rng_key.dtype, jax.dtypes.prng_key):
+    return rng_key
+  return jax.random.wrap_key_data(rng_key)
 
 
 def _check_magnitude(batch_size: int | None, trace: Any) -> None:
@@ -184,7 +194,7 @@ def _check_magnitude(batch_size: int | None, trace: Any) -> None:
           f"batch_size must be a positive scalar (the SGD minibatch size m"
           f" whose noise trace Tr(C)/m is matched), got {batch_size!r}.")
   elif batch_size is not None:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int):
+    if not batching.is_int(batch_size):
       raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}.")
     if batch_size <= 0:
       raise ValueError(
@@ -216,7 +226,7 @@ def _is_masked(x: Any) -> bool:
 
 
 def check_loss_and_params(loss_fn: Any, params: Params, batch: Any,
-                          who: str) -> None:
+                          who: str) -> int:
   """``batching.check_loss_and_batch``, after refusing parameters that
   ``optax.masked`` / ``optax.partition`` cut down to a subset unless
   ``loss_fn`` fills the rest back in (``anisonoise.with_full_params``)."""
@@ -228,7 +238,20 @@ def check_loss_and_params(loss_fn: Any, params: Params, batch: Any,
         " Wrap the masked (or partitioned) transform in"
         " anisonoise.with_full_params(...): the loss then sees every"
         " parameter, and the noise has the covariance of the selected block.")
-  batching.check_loss_and_batch(loss_fn, params, batch, who)
+  return batching.check_loss_and_batch(loss_fn, params, batch, who)
+
+
+def check_step_data(loss_fn, params, batch, who: str) -> int:
+  """:func:`batching.check_loss_and_batch` for a transform's ``update``,
+  which needs its batch in memory (a step runs under ``jax.jit``)."""
+  if isinstance(batch, sums.Batches):
+    raise ValueError(
+        f"{who}: update takes the estimation batch in memory (a pytree of"
+        " arrays), not a Batches stream: a training step runs under jax.jit,"
+        " which cannot iterate over a stream. Pass the minibatch or an"
+        " estimation batch, with chunk_size= to bound the memory of each"
+        " pass.")
+  return check_loss_and_params(loss_fn, params, batch, who)
 
 
 def check_k(k: int, params: Params, who: str) -> None:
@@ -265,14 +288,19 @@ def _all_finite(tree: Any) -> jax.Array:
 @dataclasses.dataclass(frozen=True)
 class Magnitude:
   """The target trace ``T`` (paper Eq. 14): ``Tr(C) / m`` with
-  ``m = batch_size`` (default ``n``, the batch passed), or a fixed
+  ``m = batch_size`` (default ``n``, the batch passed), ``(n - m) / (n - 1)``
+  times that for minibatches drawn without replacement, or a fixed
   ``trace``."""
 
   batch_size: int | None
   trace: Any
+  replacement: bool = True
 
   def __post_init__(self):
     _check_magnitude(self.batch_size, self.trace)
+    covariance.check_replacement(self.replacement)
+    if self.batch_size is not None:
+      object.__setattr__(self, "batch_size", int(self.batch_size))
 
   @property
   def fixed(self) -> bool:
@@ -281,7 +309,8 @@ class Magnitude:
   def target(self, trace_c: jax.Array, n: int) -> jax.Array:
     if self.trace is not None:
       return jnp.asarray(self.trace, dtype=jnp.result_type(trace_c))
-    return trace_c / (n if self.batch_size is None else self.batch_size)
+    m = n if self.batch_size is None else self.batch_size
+    return trace_c * covariance.sgd_scale(n, m, self.replacement)
 
 
 TRACE_ESTIMATORS = {
@@ -350,14 +379,26 @@ class Solver:
   max_matvecs: int | None
 
   def __post_init__(self):
-    batching.check_positive_int("k", self.k)
+    object.__setattr__(self, "k", batching.check_positive_int("k", self.k))
     if self.num_iters is not None:
-      batching.check_positive_int("num_iters", self.num_iters)
+      object.__setattr__(self, "num_iters", batching.check_positive_int(
+          "num_iters", self.num_iters))
       if self.num_iters < self.k:
         raise ValueError(f"num_iters={self.num_iters} must be >= k={self.k}.")
     curvature.check_tol(self.tol)
     if self.max_matvecs is not None:
-      batching.check_positive_int("max_matvecs", self.max_matvecs)
+      object.__setattr__(self, "max_matvecs", batching.check_positive_int(
+          "max_matvecs", self.max_matvecs))
+      # A refresh's first cycle takes num_iters products (default
+      # max(2k, k + 10), fewer only on a model with fewer parameters).
+      cycle = (max(2 * self.k, self.k + 10) if self.num_iters is None
+               else self.num_iters)
+      if self.max_matvecs < cycle:
+        raise ValueError(
+            f"max_matvecs={self.max_matvecs} is below the {cycle} products"
+            f" of one Lanczos cycle (num_iters={self.num_iters}, k={self.k});"
+            f" use max_matvecs >= {cycle}, or a smaller num_iters (>= k)"
+            " with it.")
 
   def solve(self, operator, params, batch, chunk_size, key, old):
     """Top-k eigenpairs; warm-started from the cached eigenvectors (subspace
@@ -374,8 +415,12 @@ class Solver:
         unroll=curvature.lanczos_unroll(batch, chunk_size, iters))
     if iters == self.k:
       return solve()
+    # Under jax.vmap (seeds) the predicate is reduced over the seeds, so the
+    # cond stays a cond and one solve runs; a seed whose cache is still
+    # empty while another's is not is then warm-started from its zero
+    # cache, which top_eigenpairs fills with random directions.
     return jax.lax.cond(
-        old.num_matvecs > 0,
+        batching.any_over_batch(old.num_matvecs > 0),
         lambda: solve(init_subspace=old.eigenvectors), solve)
 
 
@@ -399,15 +444,15 @@ def refreshing_transform(
   has that field (the factor then has ``converged``).
   """
   counts_unconverged = "num_unconverged" in state_type._fields
-  batching.check_positive_int("refresh_every", refresh_every)
+  refresh_every = batching.check_positive_int("refresh_every", refresh_every)
   check_static_key(key)
-  key = canonical_key(key)
+  key = transform_key(key)
 
   def init_fn(params):
     batching.check_params(params, who)
     extra = ({"num_unconverged": jnp.zeros([], jnp.int32)}
              if counts_unconverged else {})
-    return state_type(count=jnp.zeros([], jnp.int32), rng_key=key,
+    return state_type(count=jnp.zeros([], jnp.int32), rng_key=key_data(key),
                       num_rejected=jnp.zeros([], jnp.int32),
                       factor=init_factor(params), **extra)
 
@@ -416,19 +461,26 @@ def refreshing_transform(
     del extra_args
     batching.check_params(params, who)
     if needs_loss:
-      check_loss_and_params(loss_fn, params, batch, who)
-    new_key, refresh_key, noise_key = jax.random.split(state.rng_key, 3)
+      check_step_data(loss_fn, params, batch, who)
+    new_key, refresh_key, noise_key = jax.random.split(
+        state_key(state.rng_key), 3)
     old = state.factor
 
-    def refresh(_):
+    def refresh():
       return estimate(params, loss_fn, batch, refresh_key, old)
 
     if refresh_every == 1:
       is_refresh = jnp.array(True)
-      new = refresh(None)
+      new = refresh()
     else:
       is_refresh = state.count % refresh_every == 0
-      new = jax.lax.cond(is_refresh, refresh, lambda _: old, None)
+
+      def refresh_due():
+        # Exact per seed under vmap: seeds not due keep their factor.
+        return batching.where_tree(is_refresh, refresh(), old)
+
+      new = jax.lax.cond(batching.any_over_batch(is_refresh), refresh_due,
+                         lambda: old)
     ok = _all_finite(new)
     factor = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
     eps = draw(factor, noise_key, params)
@@ -439,7 +491,7 @@ def refreshing_transform(
     new_state = state_type(
         **extra,
         count=optax.safe_increment(state.count),
-        rng_key=new_key,
+        rng_key=key_data(new_key),
         num_rejected=state.num_rejected
         + jnp.logical_and(is_refresh, ~ok).astype(jnp.int32),
         factor=factor,

@@ -12,13 +12,21 @@ the data do not fit at once. Peak memory is set by ``chunk_size``, not by
 
 Kernels take ``(loss_fn, chunk_size, params, batch, *arrays)``; the first
 two are static, so that a stream calls one compiled program per batch
-shape, whatever the number of calls.
+shape, whatever the number of calls. The programs are cached per loss, by
+what the loss computes (its code and the objects it closes over) rather
+than by the function object (globals it reads are read when it is first
+compiled, as under ``jax.jit``), so that a ``loss_fn`` written afresh at every
+call does not recompile, and the cache is bounded
+(:data:`KERNEL_CACHE_SIZE` losses), so that it does not keep executables
+alive without end.
 """
 
 from __future__ import annotations
 
+import collections
 import collections.abc
 import functools
+import types
 from typing import Any, Callable, Iterable, Iterator
 
 import jax
@@ -154,9 +162,63 @@ def is_single_pass(data: Any, chunk_size: int | None) -> bool:
                              batching.example_shards(data)).num_chunks == 1
 
 
-@functools.lru_cache(maxsize=None)
-def _jitted(kernel: Callable) -> Callable:
-  return jax.jit(kernel, static_argnums=(0, 1))
+class _Same:
+  """An object compared by identity (for :func:`_stable_key`)."""
+
+  def __init__(self, obj: Any):
+    self.obj = obj
+
+  def __eq__(self, other: Any) -> bool:
+    return isinstance(other, _Same) and self.obj is other.obj
+
+  def __hash__(self) -> int:
+    return id(self.obj)
+
+
+def _stable_key(fn: Any) -> Any:
+  """What ``fn`` computes, as a hashable key: a function by its code, its
+  globals and what its closure and defaults hold (by identity), a
+  ``functools.partial`` or a bound method by their parts, anything else by
+  identity. A ``loss_fn`` written afresh at every call (``lambda p, b:
+  model.apply(p, b)`` inside a loop) then finds its compiled program."""
+  if isinstance(fn, types.FunctionType):
+    try:
+      cells = tuple(c.cell_contents for c in fn.__closure__ or ())
+    except ValueError:  # an empty cell: no stable contents
+      return _Same(fn)
+    return (fn.__code__, _Same(fn.__globals__),
+            tuple(_stable_key(c) if callable(c) else _Same(c)
+                  for c in cells),
+            tuple(map(_Same, fn.__defaults__ or ())),
+            tuple((k, _Same(v))
+                  for k, v in sorted((fn.__kwdefaults__ or {}).items())))
+  if isinstance(fn, functools.partial):
+    return ("partial", _stable_key(fn.func), tuple(map(_Same, fn.args)),
+            tuple((k, _Same(v)) for k, v in sorted(fn.keywords.items())))
+  if isinstance(fn, types.MethodType):
+    return ("method", _stable_key(fn.__func__), _Same(fn.__self__))
+  return _Same(fn)
+
+
+# Compiled stream kernels, most recently used last. Each entry holds its
+# loss_fn (and so whatever the key compares by identity) alive, and the
+# oldest is dropped beyond the bound, with its executables.
+KERNEL_CACHE_SIZE = 16
+_kernels: collections.OrderedDict = collections.OrderedDict()
+
+
+def _jitted(kernel: Callable, loss_fn: LossFn) -> Callable:
+  """``kernel`` with ``loss_fn`` bound, jitted (``chunk_size`` static):
+  one compiled program per batch shape for every call with the same loss,
+  in a cache of :data:`KERNEL_CACHE_SIZE` losses."""
+  key = (kernel, _stable_key(loss_fn))
+  run = _kernels.pop(key, None)
+  if run is None:
+    run = jax.jit(functools.partial(kernel, loss_fn), static_argnums=(0,))
+  _kernels[key] = run
+  while len(_kernels) > KERNEL_CACHE_SIZE:
+    _kernels.popitem(last=False)
+  return run
 
 
 def total(kernel: Callable, loss_fn: LossFn, chunk_size: int | None,
@@ -171,7 +233,7 @@ def total(kernel: Callable, loss_fn: LossFn, chunk_size: int | None,
   if not isinstance(data, Batches):
     part = data if per_example is None else (data, per_example)
     return kernel(loss_fn, chunk_size, params, part, *arrays)
-  run = _jitted(kernel)
+  run = _jitted(kernel, loss_fn)
   out = None
   offset = 0
   for batch in data:
@@ -181,7 +243,7 @@ def total(kernel: Callable, loss_fn: LossFn, chunk_size: int | None,
       part = (batch, jax.tree.map(lambda x: x[offset:offset + n],
                                   per_example))
     offset += n
-    value = run(loss_fn, chunk_size, params, part, *arrays)
+    value = run(chunk_size, params, part, *arrays)
     out = value if out is None else jax.tree.map(jnp.add, out, value)
   return out
 

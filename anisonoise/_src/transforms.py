@@ -31,6 +31,24 @@ Caching: the covariance factor (trace, diagonal or eigenpairs) is
 re-estimated when ``count % refresh_every == 0`` and kept in the state in
 between; the Gaussian draw is fresh every step.
 
+Keys: each transform built with ``key=None`` (the default) draws from a
+stream of its own, ``fold_in(key(0), j)`` for the ``j``-th such transform
+built in the process: ``optax.chain(isotropic_noise(0.1),
+isotropic_noise(0.1))`` adds two independent noises, and different noises
+never share their Gaussian coefficients, while a script that builds its
+transforms in the same order draws the same numbers on every run. Pass
+``key=`` (an int seed, a NumPy or JAX integer, traced ones under
+``jax.vmap`` over seeds included, a typed key or a raw ``uint32[2]`` key)
+to fix a stream whatever else the program builds. The state's
+``rng_key`` holds the raw key data (``jax.random.key_data``) so that a
+state is plain arrays for ``flax.serialization`` and orbax.
+
+Seeds under ``jax.vmap``: mapping a jitted step over the states of several
+seeds keeps the refresh a ``lax.cond`` (its predicate is reduced over the
+seeds, and seeds not due keep their factor), so S seeds cost about S
+times one seed on refresh and non-refresh steps alike
+(``benchmarks/README.md``).
+
 Non-finite values: if a re-estimated factor (or its target trace) contains a
 NaN or an infinity, it is discarded, the previous factor is kept and
 ``state.num_rejected`` is incremented; the noise is then drawn from the
@@ -63,14 +81,16 @@ from anisonoise._src.refresh import (
     TraceEstimation,
     TraceFactor,
     add_noise,
-    canonical_key,
-    check_loss_and_params,
     check_static_key,
+    check_step_data,
     dtype_of,
+    key_data,
     low_rank_transform,
     normal_like,
     refreshing_transform,
     scale_to,
+    state_key,
+    transform_key,
 )
 
 # --------------------------------------------------------------------------
@@ -79,7 +99,7 @@ from anisonoise._src.refresh import (
 
 
 def isotropic_noise(
-    std: chex.Numeric, *, key: KeyLike = 0
+    std: chex.Numeric, *, key: KeyLike | None = None
 ) -> optax.GradientTransformationExtraArgs:
   """GLD constant: adds ``eps ~ N(0, std^2 I)`` to the updates (paper Eq. 3).
 
@@ -92,7 +112,11 @@ def isotropic_noise(
 
   Args:
     std: the standard deviation ``varrho`` (>= 0; may be a traced scalar).
-    key: int seed or PRNG key.
+    key: seed of the draws: an int (Python, NumPy or JAX integer,
+      traced ones too, e.g. ``jax.vmap`` over seeds), a typed PRNG key or a
+      raw ``uint32[2]`` key, which reproduce exactly; ``None`` (default): a
+      stream of its own, never shared with another transform (see the
+      module docstring, "Keys").
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; ``update`` needs neither
@@ -117,18 +141,18 @@ def isotropic_noise(
           f"std must be a non-negative scalar standard deviation, got {std!r}."
       )
   check_static_key(key)
-  key0 = canonical_key(key)
+  key0 = transform_key(key)
 
   def init_fn(params):
     del params
-    return IsotropicNoiseState(jnp.zeros([], jnp.int32), key0)
+    return IsotropicNoiseState(jnp.zeros([], jnp.int32), key_data(key0))
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
-    new_key, noise_key = jax.random.split(state.rng_key)
+    new_key, noise_key = jax.random.split(state_key(state.rng_key))
     eps = jax.tree.map(lambda z: std * z, normal_like(noise_key, updates))
     return add_noise(updates, eps), IsotropicNoiseState(
-        optax.safe_increment(state.count), new_key
+        optax.safe_increment(state.count), key_data(new_key)
     )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -143,8 +167,9 @@ def dynamic_isotropic_noise(
     *,
     batch_size: int | None = None,
     trace: chex.Numeric | None = None,
+    replacement: bool = True,
     refresh_every: int = 1,
-    key: KeyLike = 0,
+    key: KeyLike | None = None,
     trace_estimator: str = "hutchinson",
     num_probes: int = 8,
     chunk_size: int | None = None,
@@ -169,8 +194,15 @@ def dynamic_isotropic_noise(
       default ``n``, the size of the batch passed to ``update``.
     trace: a fixed target trace instead (then ``loss_fn``/``batch`` are not
       needed). Not together with ``batch_size``.
+    replacement: the SGD whose noise trace is matched draws its
+      minibatches with replacement (``True``: ``Tr(C)/m``, paper Eq. 5) or
+      without (``False``: ``(n-m)/(n-1) Tr(C)/m``).
     refresh_every: re-estimate ``Tr(C)`` every this many steps.
-    key: int seed or PRNG key.
+    key: seed of the draws: an int (Python, NumPy or JAX integer,
+      traced ones too, e.g. ``jax.vmap`` over seeds), a typed PRNG key or a
+      raw ``uint32[2]`` key, which reproduce exactly; ``None`` (default): a
+      stream of its own, never shared with another transform (see the
+      module docstring, "Keys").
     trace_estimator: ``"hutchinson"`` (forward-mode probes) or ``"exact"``
       (per-example gradients, 90-140 gradient evaluations on an MLP of
       50,000 parameters).
@@ -198,7 +230,7 @@ def dynamic_isotropic_noise(
   References:
     Zhu et al., ICML 2019, Table 1 and Eq. 14.
   """
-  magnitude = Magnitude(batch_size, trace)
+  magnitude = Magnitude(batch_size, trace, replacement)
   estimation = TraceEstimation(trace_estimator, num_probes, chunk_size)
 
   def init_factor(params):
@@ -233,8 +265,9 @@ def diagonal_noise(
     *,
     batch_size: int | None = None,
     trace: chex.Numeric | None = None,
+    replacement: bool = True,
     refresh_every: int = 1,
-    key: KeyLike = 0,
+    key: KeyLike | None = None,
     trace_estimator: str = "hutchinson",
     num_probes: int = 8,
     chunk_size: int | None = None,
@@ -258,8 +291,15 @@ def diagonal_noise(
   Args:
     batch_size: SGD minibatch size ``m`` (default ``n``).
     trace: fixed target trace instead of ``batch_size``.
+    replacement: the SGD whose noise trace is matched draws its
+      minibatches with replacement (``True``: ``Tr(C)/m``, paper Eq. 5) or
+      without (``False``: ``(n-m)/(n-1) Tr(C)/m``).
     refresh_every: re-estimate ``diag(C)`` every this many steps.
-    key: int seed or PRNG key.
+    key: seed of the draws: an int (Python, NumPy or JAX integer,
+      traced ones too, e.g. ``jax.vmap`` over seeds), a typed PRNG key or a
+      raw ``uint32[2]`` key, which reproduce exactly; ``None`` (default): a
+      stream of its own, never shared with another transform (see the
+      module docstring, "Keys").
     trace_estimator: how ``diag(C)`` (and so its trace) is obtained:
       ``"hutchinson"`` (backward-mode probes) or ``"exact"``.
     num_probes: Hutchinson probes.
@@ -283,7 +323,7 @@ def diagonal_noise(
   References:
     Zhu et al., ICML 2019, Table 1.
   """
-  magnitude = Magnitude(batch_size, trace)
+  magnitude = Magnitude(batch_size, trace, replacement)
   estimation = TraceEstimation(trace_estimator, num_probes, chunk_size)
 
   def init_factor(params):
@@ -317,13 +357,14 @@ def diagonal_noise(
 
 
 def _low_rank(who: str, k: int, operator: Callable, weights: Callable,
-              of_covariance: bool, batch_size, trace, refresh_every, key,
+              of_covariance: bool, batch_size, trace, replacement,
+              refresh_every, key,
               num_iters, tol, max_matvecs, trace_estimator, num_probes,
               chunk_size) -> optax.GradientTransformationExtraArgs:
   """The public low-rank factories' arguments, checked and typed."""
   return low_rank_transform(
       who, operator, weights, Solver(k, num_iters, tol, max_matvecs),
-      Magnitude(batch_size, trace),
+      Magnitude(batch_size, trace, replacement),
       TraceEstimation(trace_estimator, num_probes, chunk_size,
                        allowed=("deflated", "hutchinson", "exact")),
       refresh_every, key, of_covariance)
@@ -334,7 +375,9 @@ def _clip(eigenvalues):
 
 
 def _first_only(eigenvalues):
-  return jnp.zeros_like(eigenvalues).at[0].set(1)
+  # No positive curvature, no noise: as hessian_noise's clipped weights.
+  return jnp.zeros_like(eigenvalues).at[0].set(
+      (eigenvalues[0] > 0).astype(eigenvalues.dtype))
 
 
 def _covariance_op(loss_fn, params, batch, chunk_size):
@@ -352,9 +395,16 @@ _LOW_RANK_ARGS_DOC = """
     {k}batch_size: SGD minibatch size ``m`` whose noise trace ``Tr(C)/m`` is
       matched (default ``n``, the size of the batch passed to ``update``).
     trace: fixed target trace ``E||eps||^2`` instead of ``batch_size``.
+    replacement: the SGD whose noise trace is matched draws its
+      minibatches with replacement (``True``: ``Tr(C)/m``, paper Eq. 5) or
+      without (``False``: ``(n-m)/(n-1) Tr(C)/m``).
     refresh_every: re-estimate the eigenpairs (and the trace) every this many
       steps; noise is drawn every step.
-    key: int seed or PRNG key (start vectors and draws).
+    key: seed of the draws: an int (Python, NumPy or JAX integer,
+      traced ones too, e.g. ``jax.vmap`` over seeds), a typed PRNG key or a
+      raw ``uint32[2]`` key, which reproduce exactly; ``None`` (default): a
+      stream of its own, never shared with another transform (see the
+      module docstring, "Keys").
     num_iters: Lanczos basis size, the products of a refresh's first
       cycle; default ``max(2k, k + 10)``, at most ``D``. From the second
       refresh on, the solve is warm-started from the cached eigenvectors
@@ -425,8 +475,9 @@ def leading_noise(
     *,
     batch_size: int | None = None,
     trace: chex.Numeric | None = None,
+    replacement: bool = True,
     refresh_every: int = 1,
-    key: KeyLike = 0,
+    key: KeyLike | None = None,
     num_iters: int | None = None,
     tol: float | None = 1e-2,
     max_matvecs: int | None = None,
@@ -463,7 +514,8 @@ def leading_noise(
     Zhu et al., ICML 2019, Table 1.
   """
   return _low_rank("leading_noise", k, _covariance_op, _clip, True,
-                   batch_size, trace, refresh_every, key, num_iters, tol,
+                   batch_size, trace, replacement, refresh_every, key,
+                   num_iters, tol,
                    max_matvecs,
                    trace_estimator, num_probes, chunk_size)
 
@@ -473,8 +525,9 @@ def hessian_noise(
     *,
     batch_size: int | None = None,
     trace: chex.Numeric | None = None,
+    replacement: bool = True,
     refresh_every: int = 1,
-    key: KeyLike = 0,
+    key: KeyLike | None = None,
     num_iters: int | None = None,
     tol: float | None = 1e-2,
     max_matvecs: int | None = None,
@@ -514,7 +567,8 @@ def hessian_noise(
     10 steps).
   """
   return _low_rank("hessian_noise", k, _hessian_op, _clip, False,
-                   batch_size, trace, refresh_every, key, num_iters, tol,
+                   batch_size, trace, replacement, refresh_every, key,
+                   num_iters, tol,
                    max_matvecs,
                    trace_estimator, num_probes, chunk_size)
 
@@ -523,8 +577,9 @@ def hessian_eigvec_noise(
     *,
     batch_size: int | None = None,
     trace: chex.Numeric | None = None,
+    replacement: bool = True,
     refresh_every: int = 1,
-    key: KeyLike = 0,
+    key: KeyLike | None = None,
     num_iters: int | None = None,
     tol: float | None = 1e-2,
     max_matvecs: int | None = None,
@@ -539,7 +594,9 @@ def hessian_eigvec_noise(
 
   ``u_1`` is the eigenvector of the largest algebraic eigenvalue of ``H``;
   ``Sigma* = Tr(Sigma) u_1 u_1^T`` maximises the escape indicator
-  ``Tr(H Sigma)`` under the trace constraint (Section 3.2).
+  ``Tr(H Sigma)`` under the trace constraint (Section 3.2). If
+  ``lambda_1 <= 0`` (no positive curvature) the noise is zero, as that of
+  :func:`hessian_noise` when every ``lambda_j <= 0``.
   """ + _LOW_RANK_ARGS_DOC.format(k="") + """
   Example:
     >>> import jax, jax.numpy as jnp, anisonoise
@@ -557,7 +614,8 @@ def hessian_eigvec_noise(
     Zhu et al., ICML 2019, Table 1 and Section 3.2.
   """
   return _low_rank("hessian_eigvec_noise", 1, _hessian_op, _first_only, False,
-                   batch_size, trace, refresh_every, key, num_iters, tol,
+                   batch_size, trace, replacement, refresh_every, key,
+                   num_iters, tol,
                    max_matvecs,
                    trace_estimator, num_probes, chunk_size)
 
@@ -571,26 +629,48 @@ def sgd_noise(
     *,
     batch_size: int | None = None,
     trace: chex.Numeric | None = None,
-    key: KeyLike = 0,
+    replacement: bool = True,
+    key: KeyLike | None = None,
+    trace_estimator: str = "hutchinson",
+    num_probes: int = 8,
     chunk_size: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """GD + exact SGD noise: ``eps ~ N(0, C/m)`` drawn without forming ``C``.
 
   .. math::
-    \\epsilon_t = \\frac{1}{\\sqrt{m n}} G_t^\\top (z - \\bar z\\mathbf 1),
+    \\epsilon_t = \\sqrt{\\tfrac{s}{n}}\\, G_t^\\top (z - \\bar z\\mathbf 1),
     \\quad z \\sim N(0, I_n), \\quad \\mathrm{Cov}(\\epsilon_t) =
-    \\Sigma^{sgd}_t = C_t / m
+    \\Sigma^{sgd}_t = s\\, C_t
 
-  (paper Eqs. 5-6): the Gaussian limit of the minibatch noise, at one extra
-  backward pass per step. With ``trace=T`` the same structure is rescaled to
-  ``Cov = T C / Tr(C)`` (the full-covariance member of Table 1 at a fixed
-  magnitude, as in the paper's 2D example); ``Tr(C)`` is then computed
-  exactly every step from per-example gradients.
+  with ``s = 1/m`` for minibatches of ``m`` drawn with replacement (paper
+  Eqs. 5-6) and ``s = (n - m) / ((n - 1) m)`` without (``replacement=False``;
+  7.7% smaller at ``n = 40``, ``m = 4``; zero at ``m = n``): the Gaussian
+  limit of the minibatch noise, at one extra backward pass per step. With
+  ``trace=T`` the same structure is rescaled to ``Cov = T C / Tr(C)`` (the
+  full-covariance member of Table 1 at a fixed magnitude, as in the paper's
+  2D example). ``Tr(C)`` is then estimated every step, by default with
+  ``num_probes`` forward-mode probes (no per-example gradient, no ``n x D``
+  memory; relative standard deviation about ``sqrt(2 / (r num_probes))``
+  for a covariance of effective rank ``r``, see
+  :func:`anisonoise.covariance_trace`). The scale ``T / Tr(C)`` is a ratio,
+  so its average over the probes exceeds the exact one by about the
+  estimate's squared relative standard deviation (1% at 0.1);
+  ``trace_estimator="exact"`` forms the per-example gradients instead
+  (``n x D`` floats at once unless ``chunk_size`` bounds them).
 
   Args:
     batch_size: the minibatch size ``m`` (default ``n``).
     trace: a fixed target trace instead of ``batch_size``.
-    key: int seed or PRNG key.
+    replacement: minibatches drawn with replacement (``True``, the paper's
+      ``C/m``) or without (``False``, ``(n-m)/(n-1) C/m``).
+    key: seed of the draws: an int (Python, NumPy or JAX integer,
+      traced ones too, e.g. ``jax.vmap`` over seeds), a typed PRNG key or a
+      raw ``uint32[2]`` key, which reproduce exactly; ``None`` (default): a
+      stream of its own, never shared with another transform (see the
+      module docstring, "Keys").
+    trace_estimator: how ``Tr(C)`` is obtained with ``trace``:
+      ``"hutchinson"`` (forward-mode probes) or ``"exact"``.
+    num_probes: Hutchinson probes.
     chunk_size: examples per chunk, for the draw (a backward pass chunk by
       chunk, the same number) and ``Tr(C)``.
 
@@ -613,36 +693,36 @@ def sgd_noise(
   References:
     Zhu et al., ICML 2019, Eqs. 5-7.
   """
-  Magnitude(batch_size, trace)  # checks them
-  batching.check_chunk_size(chunk_size)
   check_static_key(key)
-  key0 = canonical_key(key)
+  magnitude = Magnitude(batch_size, trace, replacement)
+  estimation = TraceEstimation(trace_estimator, num_probes, chunk_size)
+  key0 = transform_key(key)
 
   def init_fn(params):
     batching.check_params(params, "sgd_noise")
-    return SgdNoiseState(jnp.zeros([], jnp.int32), key0)
+    return SgdNoiseState(jnp.zeros([], jnp.int32), key_data(key0))
 
   def update_fn(updates, state, params=None, *, loss_fn=None, batch=None,
                 **extra_args):
     del extra_args
     batching.check_params(params, "sgd_noise")
-    check_loss_and_params(loss_fn, params, batch, "sgd_noise")
-    new_key, noise_key = jax.random.split(state.rng_key)
+    check_step_data(loss_fn, params, batch, "sgd_noise")
+    new_key, noise_key, trace_key = jax.random.split(
+        state_key(state.rng_key), 3)
     if trace is None:
       eps = covariance.sample_sgd_noise(
-          loss_fn, params, batch, noise_key, batch_size=batch_size,
-          chunk_size=chunk_size,
+          loss_fn, params, batch, noise_key, batch_size=magnitude.batch_size,
+          replacement=replacement, chunk_size=chunk_size,
       )
     else:
       eps = covariance.sample_sgd_noise(loss_fn, params, batch, noise_key,
                                         batch_size=1,
                                         chunk_size=chunk_size)  # N(0, C)
-      tr_c = covariance.covariance_trace(loss_fn, params, batch,
-                                         chunk_size=chunk_size)
+      tr_c = estimation.trace(loss_fn, params, batch, trace_key)
       scale = scale_to(jnp.asarray(trace, tr_c.dtype), tr_c)
       eps = jax.tree.map(lambda e: jnp.sqrt(scale).astype(e.dtype) * e, eps)
     return add_noise(updates, eps), SgdNoiseState(
-        optax.safe_increment(state.count), new_key
+        optax.safe_increment(state.count), key_data(new_key)
     )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
