@@ -145,7 +145,37 @@ def main(argv):
             "all_reduces": hlo.count("all-reduce"),
             "seconds": time.perf_counter() - start,
         }
+  if "--data-parallel" in argv:
+    i = argv.index("--data-parallel")
+    results["data_parallel"] = data_parallel_example(argv[i + 1], argv[i + 2])
   json.dump(results, sys.stdout)
+
+
+def data_parallel_example(data_dir, out):
+  """``examples/data_parallel.py`` in this process (one JAX start for
+  every multi-device test): a short run, and its command line with a batch
+  the devices cannot share evenly. Its prints go to stderr, so that stdout
+  stays one JSON object."""
+  import contextlib
+  import os
+  sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..",
+                                  "examples"))
+  import data_parallel
+
+  with contextlib.redirect_stdout(sys.stderr):
+    record = data_parallel.run(steps=3, n=64, k=2, refresh_every=2,
+                               chunk_size=16, data_dir=data_dir, out=out)
+    argv = sys.argv
+    sys.argv = ["data_parallel.py", "--steps", "1", "--n", "60",
+                "--data-dir", data_dir]
+    try:
+      data_parallel.main()
+      error = None
+    except SystemExit as e:
+      error = str(e.code)
+    finally:
+      sys.argv = argv
+  return {"devices": record["devices"], "error": error}
 
 
 if __name__ == "__main__":

@@ -72,10 +72,29 @@ def test_jit_matches_eager_and_keeps_structure(name, tree):
   assert max(float(jnp.abs(x).max()) for x in jax.tree.leaves(diff)) > 0
 
 
+# Each transform in front of one optimizer; every optimizer is covered by
+# at least two transforms (the chain itself is optax's: what differs per
+# transform is its state, which every step below carries).
+OPTIMIZERS = {"sgd": lambda: optax.sgd(0.1),
+              "momentum": lambda: optax.sgd(0.07, momentum=0.9),
+              "adam": lambda: optax.adam(1e-3)}
+_OPT_OF = {name: sorted(OPTIMIZERS)[i % 3] for i, name in enumerate(NAMES)}
+
+
 @pytest.mark.parametrize("name", NAMES)
-def test_no_recompilation_on_second_call(name):
-  loss_fn, params, batch = mlp_problem()
-  tx = optax.chain(FACTORIES[name](), optax.sgd(0.1))
+def test_jitted_chain_step_compiles_once_and_keeps_dtypes(name):
+  """One jitted training step in float32 (as users run), three calls:
+
+  - compiled once (no recompilation on the second call: a Python value in
+    the state, or a state whose dtype or shape changes, would retrace);
+  - updates and every floating state leaf stay float32 (float64: the test
+    above), shapes and dtypes of the state unchanged by a step;
+  - in front of sgd, momentum or adam (``_OPT_OF``), finite, and the
+    noise's own count advances once per step.
+  """
+  dtype = jnp.float32
+  loss_fn, params, batch = mlp_problem(dtype=dtype)
+  tx = optax.chain(FACTORIES[name](), OPTIMIZERS[_OPT_OF[name]]())
   traces = []
 
   @jax.jit
@@ -84,29 +103,20 @@ def test_no_recompilation_on_second_call(name):
     grads = _grad(loss_fn, params, batch)
     updates, state = tx.update(grads, state, params, loss_fn=loss_fn,
                                batch=batch)
-    return optax.apply_updates(params, updates), state
+    return optax.apply_updates(params, updates), updates, state
 
-  state = tx.init(params)
+  state0 = state = tx.init(params)
   for _ in range(3):
-    params, state = step(params, state, batch)
+    params, updates, state = step(params, state, batch)
   assert len(traces) == 1
-
-
-@pytest.mark.parametrize("name", NAMES)
-@pytest.mark.parametrize("dtype", [jnp.float32])  # float64: the tests above
-def test_dtype_preserved(name, dtype):
-  loss_fn, params, batch = mlp_problem(dtype=dtype)
-  tx = FACTORIES[name]()
-  state = tx.init(params)
-  grads = _grad(loss_fn, params, batch)
-  updates, new_state = jax.jit(lambda g, s, p: tx.update(
-      g, s, p, loss_fn=loss_fn, batch=batch))(grads, state, params)
   for u in jax.tree.leaves(updates):
     assert u.dtype == dtype
-  for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(new_state)):
+  for a, b in zip(jax.tree.leaves(state0), jax.tree.leaves(state)):
     assert a.dtype == b.dtype and a.shape == b.shape
     if jnp.issubdtype(a.dtype, jnp.floating):
       assert a.dtype == dtype
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params))
+  assert int(state[0].count) == 3
 
 
 def _low_precision_params():
@@ -140,29 +150,6 @@ def test_bfloat16_and_mixed_params(name):
       np.testing.assert_allclose(gram, np.eye(len(gram)), atol=1e-5)
 
 
-@pytest.mark.parametrize("name", [n for n in NAMES
-                                  if n not in _SHARED_LOW_RANK])
-@pytest.mark.parametrize("opt", ["momentum", "adam"])  # sgd: test above
-def test_chains_in_front_of_optimizers(name, opt):
-  loss_fn, params, batch = mlp_problem()
-  inner = {"sgd": optax.sgd(0.07), "momentum": optax.sgd(0.07, momentum=0.9),
-           "adam": optax.adam(1e-3)}[opt]
-  tx = optax.chain(FACTORIES[name](), inner)
-  state = tx.init(params)
-
-  @jax.jit
-  def step(params, state):
-    grads = _grad(loss_fn, params, batch)
-    updates, state = tx.update(grads, state, params, loss_fn=loss_fn,
-                               batch=batch)
-    return optax.apply_updates(params, updates), state
-
-  for _ in range(3):
-    params, state = step(params, state)
-  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params))
-  assert int(state[0].count) == 3
-
-
 class _Net(nnx.Module):
 
   def __init__(self, rngs):
@@ -173,7 +160,9 @@ class _Net(nnx.Module):
     return self.l2(jnp.tanh(self.l1(x)))
 
 
-@pytest.mark.parametrize("name", NAMES)
+# One transform per state type (the low-rank noises share theirs).
+@pytest.mark.parametrize("name", [n for n in NAMES
+                                  if n not in _SHARED_LOW_RANK])
 def test_nnx_optimizer(name):
   model = _Net(nnx.Rngs(0))
   graphdef, _ = nnx.split(model, nnx.Param)

@@ -48,9 +48,12 @@ def test_fig2_small_run(tmp_path):
   assert img.std() > 0.01  # not a blank canvas
 
 
-def test_fig2_deterministic_for_a_seed(tmp_path):
-  a = fig2_toy.run(str(tmp_path / "a"), seed=3, num_runs=6, plot=False)
-  b = fig2_toy.run(str(tmp_path / "b"), seed=3, num_runs=6, plot=False)
+def test_fig2_deterministic_for_a_seed(tmp_path, monkeypatch):
+  """Two runs of a seed give the same summary (40 steps and 2 runs each:
+  any randomness not drawn from the seed shows at the first step)."""
+  monkeypatch.setattr(fig2_toy, "STEPS", 40)
+  a = fig2_toy.run(str(tmp_path / "a"), seed=3, num_runs=2, plot=False)
+  b = fig2_toy.run(str(tmp_path / "b"), seed=3, num_runs=2, plot=False)
   assert a == b
 
 
@@ -71,41 +74,6 @@ def test_fig4_small_run(tmp_path, monkeypatch):
   import matplotlib.image
   img = matplotlib.image.imread(tmp_path / "fig4.png")
   assert img.ndim == 3 and img.std() > 0.01
-
-
-def test_data_parallel_example_on_8_devices(tmp_path):
-  """The example runs unchanged on 8 forced CPU devices (a subprocess:
-  the device count is fixed when JAX starts), on IDX files in the standard
-  format."""
-  import subprocess
-
-  from conftest import forced_devices_env, write_fake_split
-  write_fake_split(tmp_path, "train", 64)
-  script = os.path.join(os.path.dirname(__file__), "..", "examples",
-                        "data_parallel.py")
-  env = forced_devices_env(8)
-  proc = subprocess.run(
-      [sys.executable, script, "--steps", "3", "--n", "64", "--k", "2",
-       "--refresh-every", "2", "--chunk-size", "16", "--data-dir",
-       str(tmp_path), "--out", str(tmp_path / "out")],
-      env=env, capture_output=True, text=True, timeout=600, check=False)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  assert "8 cpu devices" in proc.stdout
-  rec = json.load(open(tmp_path / "out" / "data_parallel.json"))
-  assert rec["devices"] == 8 and len(rec["history"]) == 3
-  for row in rec["history"]:
-    assert np.isfinite(row["loss"]) and row["trace"] > 0
-    assert row["eigenvalues"][0] >= row["eigenvalues"][1]
-  # Refreshed at steps 0 and 2, cached at step 1.
-  h = rec["history"]
-  assert h[1]["eigenvalues"] == h[0]["eigenvalues"]
-  assert h[2]["eigenvalues"] != h[1]["eigenvalues"]
-  # A batch the devices cannot share evenly: a clear error.
-  bad = subprocess.run(
-      [sys.executable, script, "--steps", "1", "--n", "60", "--data-dir",
-       str(tmp_path)], env=env, capture_output=True, text=True, timeout=600,
-      check=False)
-  assert bad.returncode != 0 and "multiple of 8" in bad.stderr
 
 
 def test_fig4_refuses_when_every_initialisation_dies(monkeypatch):

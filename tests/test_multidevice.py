@@ -13,20 +13,64 @@ import pathlib
 import subprocess
 import sys
 
+import numpy as np
 import pytest
-from conftest import forced_devices_env
+from conftest import forced_devices_env, write_fake_split
+
+# One xdist worker runs the whole module: its module-scoped fixture is
+# computed once.
+pytestmark = pytest.mark.xdist_group("multidevice")
 
 WORKER = pathlib.Path(__file__).with_name("multidevice_worker.py")
 
 
 @pytest.fixture(scope="module")
-def results():
+def example_dir(tmp_path_factory):
+  """IDX files in the standard format for ``examples/data_parallel.py``."""
+  path = tmp_path_factory.mktemp("data_parallel")
+  write_fake_split(path, "train", 64)
+  return path
+
+
+@pytest.fixture(scope="module")
+def worker(example_dir):
+  """One subprocess for every multi-device test: the cases, then the
+  data-parallel example."""
   env = forced_devices_env(8)
-  proc = subprocess.run([sys.executable, str(WORKER), "--loop-krylov"], env=env,
-                        capture_output=True, text=True, timeout=900,
-                        check=False)
+  proc = subprocess.run(
+      [sys.executable, str(WORKER), "--loop-krylov", "--data-parallel",
+       str(example_dir), str(example_dir / "out")],
+      env=env, capture_output=True, text=True, timeout=900, check=False)
   assert proc.returncode == 0, proc.stderr[-4000:]
   return json.loads(proc.stdout)
+
+
+@pytest.fixture(scope="module")
+def results(worker):
+  """The cases' records."""
+  return {k: v for k, v in worker.items() if k != "data_parallel"}
+
+
+def test_data_parallel_example_on_8_devices(worker, example_dir):
+  """``examples/data_parallel.py`` runs unchanged on 8 forced CPU devices
+  on IDX files in the standard format (run by the worker above)."""
+  assert worker["data_parallel"]["devices"] == 8
+  rec = json.load(open(example_dir / "out" / "data_parallel.json"))
+  assert rec["devices"] == 8 and len(rec["history"]) == 3
+  for row in rec["history"]:
+    assert np.isfinite(row["loss"]) and row["trace"] > 0
+    assert row["eigenvalues"][0] >= row["eigenvalues"][1]
+  # Refreshed at steps 0 and 2, cached at step 1.
+  h = rec["history"]
+  assert h[1]["eigenvalues"] == h[0]["eigenvalues"]
+  assert h[2]["eigenvalues"] != h[1]["eigenvalues"]
+
+
+def test_data_parallel_example_refuses_an_uneven_batch(worker):
+  """A batch the devices cannot share evenly: a clear error from the
+  example's command line."""
+  error = worker["data_parallel"]["error"]
+  assert error.startswith("error:") and "multiple of 8" in error
 
 
 def test_all_cases_ran(results):

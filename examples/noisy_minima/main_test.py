@@ -14,6 +14,10 @@ import configs
 import main
 import train
 
+# One xdist worker runs the whole module: its module-scoped fixture is
+# computed once.
+pytestmark = pytest.mark.xdist_group("noisy_minima_study")
+
 
 @pytest.fixture(scope="module")
 def vgg_run(tmp_path_factory):
