@@ -110,6 +110,23 @@ def test_sgd_noise_is_the_gaussian_member():
   assert np.abs(out[0]).max() > 0
 
 
+@pytest.mark.parametrize("name", ["bernoulli-fisher-B",
+                                  "gaussian-cov-trace"])
+def test_chunks_give_the_same_draw(name):
+  weights, centred, size, trace = CASES[name]
+  loss_fn, params, batch = linear_problem(n=N)
+  out = []
+  for chunk_size in (None, 7):
+    tx = anisonoise.multiplicative_noise(
+        weights, centred=centred, batch_size=None if trace else M,
+        trace=trace, estimation_size=size, chunk_size=chunk_size, key=2)
+    u, _ = tx.update(jnp.zeros_like(params), tx.init(params), params,
+                     loss_fn=loss_fn, batch=batch)
+    out.append(np.asarray(u))
+  np.testing.assert_allclose(out[0], out[1], rtol=1e-10)
+  assert np.abs(out[0]).max() > 0
+
+
 def _anticorrelated_draws(tx, loss_fn, params, batch, num, steps=3):
   """``num`` chains of ``steps`` updates of ``tx`` (zero gradients): the
   noise of each step, ``(num, steps, D)``."""

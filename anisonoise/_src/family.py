@@ -212,7 +212,10 @@ def multiplicative_noise(
 
   Args:
     weights: ``"gaussian"``, ``"bernoulli"``, ``"sampling"`` or a function
-      of a PRNG key returning the ``(n,)`` (or ``(b,)``) weights.
+      of a PRNG key returning the ``(n,)`` (or ``(b,)``) weights. A wrong
+      shape raises a ``ValueError``, and so do non-finite weights when
+      ``update`` runs eagerly; under ``jit`` they make the noise (and so
+      the update) non-finite, never hidden.
     centred: subtract the weights' mean over the examples (covariance ``C``)
       or not (``F``).
     batch_size: the SGD minibatch size ``m`` whose noise is matched
