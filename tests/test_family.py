@@ -127,6 +127,22 @@ def test_chunks_give_the_same_draw(name):
   assert np.abs(out[0]).max() > 0
 
 
+def test_batch_size_may_be_an_array():
+  """A scheduled scale (``optax.inject_hyperparams`` passes arrays): the
+  same draw as the int; the picking classes need an int."""
+  loss_fn, params, batch = linear_problem(n=N)
+  out = []
+  for m in (M, jnp.asarray(float(M))):
+    tx = anisonoise.multiplicative_noise(batch_size=m, estimation_size=B)
+    u, _ = jax.jit(lambda s: tx.update(jnp.zeros_like(params), s, params,
+                                       loss_fn=loss_fn, batch=batch))(
+                                           tx.init(params))
+    out.append(np.asarray(u))
+  np.testing.assert_allclose(out[0], out[1], rtol=1e-12)
+  with pytest.raises(TypeError, match="batch_size is a structural setting"):
+    anisonoise.multiplicative_noise("sampling", batch_size=jnp.asarray(4))
+
+
 def _anticorrelated_draws(tx, loss_fn, params, batch, num, steps=3):
   """``num`` chains of ``steps`` updates of ``tx`` (zero gradients): the
   noise of each step, ``(num, steps, D)``."""

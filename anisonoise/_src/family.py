@@ -33,6 +33,8 @@ from anisonoise._src.refresh import (
     Magnitude,
     add_noise,
     canonical_key,
+    check_loss_and_params,
+    check_static_key,
     scale_to,
 )
 
@@ -94,6 +96,9 @@ def _check_weights(weights, centred, batch_size, trace):
         "multiplicative_noise: weights must be 'gaussian', 'bernoulli',"
         " 'sampling' or a function key -> (n,) weights, got"
         f" {weights!r}.")
+  if weights in _SUBSAMPLING:
+    # The number of examples picked: a shape, not a schedulable scale.
+    batching.check_static("batch_size", batch_size)
   if weights in _SUBSAMPLING and trace is not None:
     raise ValueError(
         f"multiplicative_noise: weights={weights!r} draws minibatches of"
@@ -219,8 +224,9 @@ def multiplicative_noise(
     centred: subtract the weights' mean over the examples (covariance ``C``)
       or not (``F``).
     batch_size: the SGD minibatch size ``m`` whose noise is matched
-      (default ``n``); also the number of examples Bernoulli and sampling
-      weights pick.
+      (default ``n``; a scalar array may be scheduled with
+      ``optax.inject_hyperparams``); also the number of examples Bernoulli
+      and sampling weights pick (then a Python int).
     trace: a fixed target ``E||eps||^2`` instead of ``batch_size``
       (Gaussian and your own weights).
     estimation_size: ``b``, draw the noise on a random sub-batch of ``b``
@@ -268,6 +274,7 @@ def multiplicative_noise(
           " (one example has no spread about its mean), got"
           f" {estimation_size}.")
   batching.check_chunk_size(chunk_size)
+  check_static_key(key)
   key0 = canonical_key(key)
   who = "multiplicative_noise"
 
@@ -279,7 +286,8 @@ def multiplicative_noise(
                 **extra_args):
     del extra_args
     batching.check_params(params, who)
-    n = batching.check_loss_and_batch(loss_fn, params, batch, who)
+    check_loss_and_params(loss_fn, params, batch, who)
+    n = batching.num_examples(batch)
     new_key, weights_key = jax.random.split(state.rng_key)
     n_e, correction = n, 1.0
     if estimation_size is not None:
