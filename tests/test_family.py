@@ -22,7 +22,7 @@ def _rademacher(n):
   return lambda key: jax.random.rademacher(key, (n,), jnp.float64)
 
 
-# name -> (weights, centred, estimation_size, trace)
+# name -> (weights, centred, estimation_size, trace[, replacement])
 CASES = {
     "gaussian-cov": ("gaussian", True, None, None),
     "gaussian-fisher": ("gaussian", False, None, None),
@@ -38,6 +38,8 @@ CASES = {
     "own-fisher-B": (_rademacher(B), False, B, None),
     "gaussian-cov-trace": ("gaussian", True, None, 0.5),
     "gaussian-fisher-trace": ("gaussian", False, None, 0.5),
+    "sampling-without-replacement": ("sampling", True, None, None, False),
+    "bernoulli-fisher-without-B": ("bernoulli", False, B, None, False),
 }
 
 
@@ -75,15 +77,18 @@ def test_draws_have_the_covariance_of_sgd(name):
   ``F/m``), on all examples and on a random sub-batch, against the dense
   covariance; the tolerance tells ``C/m`` from ``F/m`` and from each class's
   unscaled covariance."""
-  weights, centred, size, trace = CASES[name]
+  weights, centred, size, trace, *replacement = CASES[name]
+  replacement = replacement[0] if replacement else True
   loss_fn, params, batch = linear_problem(n=N)
   g, _, c, _ = dense_reference(loss_fn, params, batch)
   f = g.T @ g / N
   k, other = (c, f) if centred else (f, c)
   scale = 1 / M if trace is None else trace / np.trace(k)
+  if not replacement:  # an actual minibatch of M distinct examples
+    scale *= (N - M) / (N - 1)
   tx = anisonoise.multiplicative_noise(
       weights, centred=centred, batch_size=None if trace else M,
-      trace=trace, estimation_size=size)
+      trace=trace, replacement=replacement, estimation_size=size)
   x = _draws(tx, loss_fn, params, batch, NUM_DRAWS)
   tol = _tolerance(x)
   err = np.linalg.norm(_second_moment(x) - scale * k)
@@ -93,6 +98,20 @@ def test_draws_have_the_covariance_of_sgd(name):
   # Bernoulli weights (1 - m/n), on all examples (n = 40) or b = 20.
   assert tol < np.linalg.norm(scale * (k - other))
   assert tol < np.linalg.norm(scale * k) * (1 - (N - M) / (N - 1))
+
+
+def test_draws_have_the_covariance_of_sgd_without_replacement():
+  """The exact SGD-noise of minibatches of M distinct examples, as
+  ``sgd_noise(replacement=False)``: the same draw for the same key."""
+  loss_fn, params, batch = linear_problem(n=N)
+  out = []
+  for tx in (anisonoise.sgd_noise(batch_size=M, replacement=False, key=4),
+             anisonoise.multiplicative_noise(batch_size=M, replacement=False,
+                                             key=4)):
+    u, _ = tx.update(jnp.zeros_like(params), tx.init(params), params,
+                     loss_fn=loss_fn, batch=batch)
+    out.append(np.asarray(u))
+  np.testing.assert_allclose(out[0], out[1], rtol=1e-12, atol=1e-14)
 
 
 def test_sgd_noise_is_the_gaussian_member():
@@ -133,7 +152,8 @@ def test_batch_size_may_be_an_array():
   loss_fn, params, batch = linear_problem(n=N)
   out = []
   for m in (M, jnp.asarray(float(M))):
-    tx = anisonoise.multiplicative_noise(batch_size=m, estimation_size=B)
+    tx = anisonoise.multiplicative_noise(batch_size=m, estimation_size=B,
+                                         key=0)
     u, _ = jax.jit(lambda s: tx.update(jnp.zeros_like(params), s, params,
                                        loss_fn=loss_fn, batch=batch))(
                                            tx.init(params))
@@ -150,7 +170,8 @@ def _anticorrelated_draws(tx, loss_fn, params, batch, num, steps=3):
   zeros = jnp.zeros_like(params)
 
   def chain(key):
-    s = state._replace(inner_state=state.inner_state._replace(rng_key=key))
+    s = state._replace(inner_state=state.inner_state._replace(
+      rng_key=jax.random.key_data(key)))
 
     def step(s, _):
       eps, s = tx.update(zeros, s, params, loss_fn=loss_fn, batch=batch)

@@ -32,10 +32,12 @@ from anisonoise._src.refresh import (
     KeyLike,
     Magnitude,
     add_noise,
-    canonical_key,
-    check_loss_and_params,
     check_static_key,
+    check_step_data,
+    key_data,
     scale_to,
+    state_key,
+    transform_key,
 )
 
 Params = Any
@@ -47,7 +49,7 @@ class MultiplicativeNoiseState(NamedTuple):
   far) and ``rng_key`` (the key of the next draw)."""
 
   count: chex.Array
-  rng_key: chex.PRNGKey
+  rng_key: chex.Array  # uint32 key data
 
 
 class AnticorrelatedNoiseState(NamedTuple):
@@ -141,8 +143,9 @@ def multiplicative_noise(
     centred: bool = True,
     batch_size: int | None = None,
     trace: chex.Numeric | None = None,
+    replacement: bool = True,
     estimation_size: int | None = None,
-    key: KeyLike = 0,
+    key: KeyLike | None = None,
     chunk_size: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """M-SGD: SGD's noise as the gradient matrix times random weights.
@@ -159,8 +162,10 @@ def multiplicative_noise(
   whose covariance is ``s C`` (``C`` of paper Eq. 5: MSGD-Cov) or ``s F``
   with ``F = (1/n) sum_i g_i g_i^T`` (the Fisher: MSGD-Fisher), where
   ``s = 1/m`` matches the noise of SGD with minibatch ``m = batch_size``
-  exactly (paper Eq. 5; ``m = n`` by default), or ``s = T / Tr(C)``
-  (``T / Tr(F)``) for a fixed ``trace=T``. It costs one backward pass with
+  exactly (paper Eq. 5; ``m = n`` by default), ``s = (n-m)/((n-1) m)``
+  that of minibatches drawn without replacement (``replacement=False``,
+  as :func:`anisonoise.sgd_noise`), or ``s = T / Tr(C)`` (``T / Tr(F)``)
+  for a fixed ``trace=T``. It costs one backward pass with
   the weights on the per-example losses.
 
   The weight classes and the scale that makes each exact. ``w`` are the
@@ -184,8 +189,9 @@ def multiplicative_noise(
     noise of an actual minibatch drawn without replacement,
     ``Cov(G^T (w - 1)/n) = (n-m)/((n-1) m) C``; ``v = (w - 1)
     sqrt(m (n-1) / (n (n-m)))`` rescales it to exactly ``C/m``, the noise of
-    minibatches drawn with replacement (paper Eq. 5). Always centred
-    (``sum_i (w_i - 1) = 0``). Needs ``m < n``.
+    minibatches drawn with replacement (paper Eq. 5); with
+    ``replacement=False`` the draw is an actual minibatch's noise. Always
+    centred (``sum_i (w_i - 1) = 0``). Needs ``m < n``.
   * a function ``key -> v`` of your own, returning one weight per example
     (``(n,)``, or ``(b,)`` with ``estimation_size=b``): the noise is
     ``sqrt(s/n) G^T (v - vbar)`` (centred) or ``sqrt(s/n) G^T v``; weights
@@ -229,10 +235,13 @@ def multiplicative_noise(
       and sampling weights pick (then a Python int).
     trace: a fixed target ``E||eps||^2`` instead of ``batch_size``
       (Gaussian and your own weights).
+    replacement: match SGD with minibatches drawn with (``True``: ``C/m``)
+      or without (``False``: ``(n-m)/(n-1) C/m``, ``batch_size`` an int)
+      replacement.
     estimation_size: ``b``, draw the noise on a random sub-batch of ``b``
       examples (``2 <= b <= n`` centred, ``1 <= b <= n`` uncentred);
       ``None``: all ``n``.
-    key: int seed or PRNG key.
+    key: int seed or PRNG key; ``None``: a stream of its own.
     chunk_size: examples per chunk, for the backward pass (the same draw)
       and, with ``trace``, the exact trace.
 
@@ -260,7 +269,9 @@ def multiplicative_noise(
 
     Zhu et al., ICML 2019, Eqs. 5-7.
   """
-  Magnitude(batch_size, trace)  # checks them
+  Magnitude(batch_size, trace, replacement)  # checks them
+  if not replacement:
+    batching.check_static("batch_size", batch_size)
   if not isinstance(centred, bool):
     raise ValueError(f"multiplicative_noise: centred must be True (covariance"
                      f" C) or False (the Fisher F), got {centred!r}.")
@@ -275,23 +286,23 @@ def multiplicative_noise(
           f" {estimation_size}.")
   batching.check_chunk_size(chunk_size)
   check_static_key(key)
-  key0 = canonical_key(key)
+  key0 = transform_key(key)
   who = "multiplicative_noise"
 
   def init_fn(params):
     batching.check_params(params, who)
-    return MultiplicativeNoiseState(jnp.zeros([], jnp.int32), key0)
+    return MultiplicativeNoiseState(jnp.zeros([], jnp.int32), key_data(key0))
 
   def update_fn(updates, state, params=None, *, loss_fn=None, batch=None,
                 **extra_args):
     del extra_args
     batching.check_params(params, who)
-    check_loss_and_params(loss_fn, params, batch, who)
-    n = batching.num_examples(batch)
-    new_key, weights_key = jax.random.split(state.rng_key)
+    n = check_step_data(loss_fn, params, batch, who)
+    # As sgd_noise splits its key: the same key, the same Gaussian draw.
+    new_key, weights_key, subset_key = jax.random.split(
+        state_key(state.rng_key), 3)
     n_e, correction = n, 1.0
     if estimation_size is not None:
-      subset_key, weights_key = jax.random.split(weights_key)
       if estimation_size > n:
         raise ValueError(
             f"{who}: estimation_size={estimation_size} is larger than the"
@@ -302,7 +313,7 @@ def multiplicative_noise(
       if centred:
         correction = n_e * (n - 1) / ((n_e - 1) * n)
     m = n if batch_size is None else batch_size
-    dtype = jnp.result_type(*jax.tree.leaves(params))
+    dtype = covariance.weights_dtype(params)
     if callable(weights):
       v = weights(weights_key)
       _check_user_weights(v, n_e)
@@ -319,7 +330,7 @@ def multiplicative_noise(
     eps = covariance.jacobian_transpose(loss_fn, params, batch,
                                         chunk_size=chunk_size)(v)
     if trace is None:
-      s = correction / m
+      s = correction * covariance.sgd_scale(n, m, replacement)
     else:
       total = (covariance.covariance_trace(loss_fn, params, batch,
                                            chunk_size=chunk_size)
@@ -329,7 +340,7 @@ def multiplicative_noise(
     factor = jnp.sqrt(s / n_e)
     eps = jax.tree.map(lambda e: (factor * e).astype(e.dtype), eps)
     return add_noise(updates, eps), MultiplicativeNoiseState(
-        optax.safe_increment(state.count), new_key)
+        optax.safe_increment(state.count), key_data(new_key))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
