@@ -32,8 +32,13 @@ from anisonoise._src.diagnostics import ou_escape_efficiency
 from anisonoise._src.diagnostics import projection_coefficient
 from anisonoise._src.diagnostics import spectral_density
 from anisonoise._src.dynamics import DYNAMICS
+from anisonoise._src.dynamics import FAMILY_DYNAMICS
 from anisonoise._src.dynamics import dynamics_noise
 from anisonoise._src.estimators import MonteCarloEstimate
+from anisonoise._src.family import AnticorrelatedNoiseState
+from anisonoise._src.family import MultiplicativeNoiseState
+from anisonoise._src.family import anticorrelated_noise
+from anisonoise._src.family import multiplicative_noise
 from anisonoise._src.refresh import DiagonalFactor
 from anisonoise._src.refresh import DiagonalNoiseState
 from anisonoise._src.refresh import DynamicIsotropicNoiseState
@@ -61,12 +66,14 @@ from anisonoise._src.transforms import sgd_noise
 __version__ = "0.1.0"
 
 __all__ = (
+    "AnticorrelatedNoiseState",
     "Batches",
     "DYNAMICS",
     "DiagonalFactor",
     "DiagonalNoiseState",
     "DynamicIsotropicNoiseState",
     "EigenResult",
+    "FAMILY_DYNAMICS",
     "GradientNoiseNorms",
     "HessianEigvecNoiseState",
     "HessianNoiseState",
@@ -76,11 +83,13 @@ __all__ = (
     "LowRankFactor",
     "LowRankNoiseState",
     "MonteCarloEstimate",
+    "MultiplicativeNoiseState",
     "NoisyTrainState",
     "OUEscapeEfficiency",
     "SgdNoiseState",
     "TraceFactor",
     "SpectralDensity",
+    "anticorrelated_noise",
     "covariance_diagonal",
     "covariance_operator",
     "covariance_trace",
@@ -102,6 +111,7 @@ __all__ = (
     "leading_noise",
     "map_chunks",
     "mean_gradient",
+    "multiplicative_noise",
     "nnx_loss",
     "num_examples",
     "ou_escape_efficiency",

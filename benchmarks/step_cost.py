@@ -10,7 +10,9 @@ with the matvec timed as one linearisation plus one product. Each dynamics
 that estimates ``Tr(C)`` (or ``diag(C)``) is timed with the library's
 default estimator (random probes; deflated for the low-rank noises) and
 with ``trace_estimator="exact"`` (per-example gradients, the paper's), in
-the same run.
+the same run. The follow-ups' noises (``anisonoise.FAMILY_DYNAMICS``: M-SGD
+at ``m = 20``, its "-B" variants on sub-batches of 100, Anti-PGD) have
+nothing to refresh and are timed once.
 
 Writes ``step_cost_<model>.json`` and ``.md`` to ``--out``.
 
@@ -35,6 +37,7 @@ from _common import environment, lenet_problem, timeit
 
 M = 20
 K = 20
+B = 100  # sub-batch of the "-B" noises (the authors' gdStoF.py noisesize)
 
 
 def mlp_problem(n=1200, d_in=784, hidden=64, seed=0):
@@ -44,15 +47,19 @@ def mlp_problem(n=1200, d_in=784, hidden=64, seed=0):
   return _common.mlp_problem(x, rng.integers(0, 10, n), hidden, seed=seed)
 
 
+# Noises drawn afresh every step, with nothing to refresh: timed once.
+UNCACHED = ("GLD const", "GD + SGD noise") + anisonoise.FAMILY_DYNAMICS
 ESTIMATING = ("GLD dynamic", "GLD diag", "GLD leading", "GLD Hessian",
               "GLD 1st eigvec(H)")
 
 
-def dynamics(refresh, chunk_size=None, m=M, k=K, trace_estimator=None):
+def dynamics(refresh, chunk_size=None, m=M, k=K, trace_estimator=None,
+             family=False):
   """row label -> (transform or None, matvecs per refresh of its floor), the
   noise-injected rows of ``anisonoise.DYNAMICS`` (SGD has no full-batch
-  step to time); with ``trace_estimator``, only those that estimate
-  ``Tr(C)``, with that estimator."""
+  step to time), and with ``family`` those of ``FAMILY_DYNAMICS``; with
+  ``trace_estimator``, only those that estimate ``Tr(C)``, with that
+  estimator."""
   extra = {} if trace_estimator is None else {
       "trace_estimator": trace_estimator}
   floor = {"GLD leading": k, "GLD Hessian": k, "GLD 1st eigvec(H)": 1}
@@ -62,9 +69,11 @@ def dynamics(refresh, chunk_size=None, m=M, k=K, trace_estimator=None):
   return {
       label.get(name, name): (anisonoise.dynamics_noise(
           name, std=1e-3, k=k, batch_size=m, refresh_every=refresh,
-          chunk_size=chunk_size, **extra), floor.get(name, 0))
-      for name in anisonoise.DYNAMICS if name != "SGD"
-      and (trace_estimator is None or name in ESTIMATING)
+          chunk_size=chunk_size, estimation_size=B, **extra),
+                              floor.get(name, 0))
+      for name in anisonoise.DYNAMICS + (anisonoise.FAMILY_DYNAMICS
+                                         if family else ())
+      if name != "SGD" and (trace_estimator is None or name in ESTIMATING)
   }
 
 
@@ -142,10 +151,10 @@ def main():
   for refresh in args.refresh:
     for estimator in args.trace_estimator:
       exact = estimator == "exact"
-      table = dynamics(refresh, trace_estimator="exact" if exact else None)
+      table = dynamics(refresh, trace_estimator="exact" if exact else None,
+                       family=True)
       for name, (noise, matvecs) in table.items():
-        if name == "GD" or (refresh > 1 and name in ("GLD const",
-                                                     "GD + SGD noise")):
+        if name == "GD" or (refresh > 1 and name in UNCACHED):
           continue
         if args.dynamics and name not in args.dynamics:
           continue
@@ -154,8 +163,8 @@ def main():
                                    args.repeats, warm)
           floor = t_gd + matvecs * t_mv / refresh
           row = {"dynamics": name, "refresh_every": refresh,
-                 "trace_estimator": estimator if exact or name not in (
-                     "GLD const", "GD + SGD noise") else "-",
+                 "trace_estimator": estimator if exact or name not in
+                 UNCACHED else "-",
                  "warm": warm, "step_s": t, "ratio_to_gd": t / t_gd,
                  "products": products,
                  "ratio_to_floor": t / floor if matvecs else None}

@@ -126,6 +126,8 @@ _FALLBACK_TARGETS = {  # (name, role, page; "$" stands for the name)
     "optax": [
         ("optax.GradientTransformationExtraArgs", "py:class",
          "api/transformations.html#$"),
+        ("optax.GradientTransformation", "py:class",
+         "api/transformations.html#$"),
         ("optax.chain", "py:function", "api/combining_optimizers.html#$"),
         ("optax.sgd", "py:function", "api/optimizers.html#$"),
     ],
@@ -164,6 +166,7 @@ _PUBLIC_NAMES = {
     "jaxlib._jax.Array": "jax.Array",
     "optax._src.base.GradientTransformationExtraArgs":
         "optax.GradientTransformationExtraArgs",
+    "optax._src.base.GradientTransformation": "optax.GradientTransformation",
     "flax.nnx.module.Module": "flax.nnx.Module",
     "nnx.Rngs": "flax.nnx.Rngs",
 }

@@ -24,6 +24,10 @@ FACTORIES = {
     "hessian_eigvec_noise": lambda: anisonoise.hessian_eigvec_noise(
         batch_size=5),
     "sgd_noise": lambda: anisonoise.sgd_noise(batch_size=5),
+    "multiplicative_noise": lambda: anisonoise.multiplicative_noise(
+        "bernoulli", centred=False, batch_size=5, estimation_size=20),
+    "anticorrelated_noise": lambda: anisonoise.anticorrelated_noise(
+        anisonoise.isotropic_noise(1e-2)),
 }
 NAMES = sorted(FACTORIES)
 
@@ -48,8 +52,12 @@ PYTREES = {
 # The low-rank noises share one implementation (and its pytree handling):
 # every parameter structure for one of them, the nested one for the others.
 _SHARED_LOW_RANK = ("leading_noise", "hessian_eigvec_noise")
+# The follow-ups' transforms are per-leaf maps around the engine's weighted
+# backward pass (sgd_noise's): one parameter structure each.
+_ONE_TREE = ("multiplicative_noise", "anticorrelated_noise")
 CASES = [(n, t) for n in NAMES for t in sorted(PYTREES)
-         if n not in _SHARED_LOW_RANK or t == "nested"]
+         if (n not in _SHARED_LOW_RANK or t == "nested")
+         and (n not in _ONE_TREE or t == "tuple")]
 
 
 @pytest.mark.parametrize("name,tree", CASES)

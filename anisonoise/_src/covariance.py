@@ -484,11 +484,18 @@ def _centred_normal(key, n, s, dtype):
   return (z - jnp.mean(z)) * jnp.sqrt(jnp.asarray(s / n, dtype))
 
 
+def weights_dtype(params: Params):
+  """The dtype of random weights on the examples: the parameters' widest,
+  float32 at least (bfloat16 weights would round every draw)."""
+  return jnp.promote_types(jnp.result_type(*jax.tree.leaves(params)),
+                           jnp.float32)
+
+
 def _chunked_noise(loss_fn, params, batch, key, n, s, chunk_size):
-  """``G^T z`` accumulated chunk by chunk (or batch by batch); the same
-  ``z`` as the one-pass draw, so the same number."""
-  dtype = jnp.result_type(*jax.tree.leaves(params))
-  z = _centred_normal(key, n, s, dtype)
+  """``G^T z`` by :func:`jacobian_transpose`, the one weighted backward
+  pass: in one pass, or chunk by chunk (batch by batch) with the same
+  ``z``, so the same number."""
+  z = _centred_normal(key, n, s, weights_dtype(params))
   return jacobian_transpose(loss_fn, params, batch, chunk_size=chunk_size)(z)
 
 
@@ -542,9 +549,4 @@ def sample_sgd_noise(
   batching.check_chunk_size(chunk_size)
   n = sums.check_data(loss_fn, params, batch, "sample_sgd_noise")
   s = _sgd_scale_of("sample_sgd_noise", n, batch_size, replacement)
-  if not sums.is_single_pass(batch, chunk_size):
-    return _chunked_noise(loss_fn, params, batch, key, n, s, chunk_size)
-  losses, vjp_fn = jax.vjp(lambda p: loss_fn(p, batch), params)
-  z = _centred_normal(key, n, s, losses.dtype)
-  (eps,) = vjp_fn(batching.match_sharding(z, losses))
-  return eps
+  return _chunked_noise(loss_fn, params, batch, key, n, s, chunk_size)

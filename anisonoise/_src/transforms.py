@@ -658,6 +658,10 @@ def sgd_noise(
   ``trace_estimator="exact"`` forms the per-example gradients instead
   (``n x D`` floats at once unless ``chunk_size`` bounds them).
 
+  It is the Gaussian, centred member of the multiplicative-noise family
+  (:func:`anisonoise.multiplicative_noise`, which gives the same draw for
+  the same key).
+
   Args:
     batch_size: the minibatch size ``m`` (default ``n``).
     trace: a fixed target trace instead of ``batch_size``.
