@@ -78,7 +78,8 @@ def simulate(noise, key: jax.Array, num_runs: int):
     batch = {"x": make_data(data_key)}
     state = tx.init(w0)
     if hasattr(state[0], "rng_key"):  # GD's transform has no key
-      state = (state[0]._replace(rng_key=noise_key),) + tuple(state[1:])
+      state = ((state[0]._replace(rng_key=jax.random.key_data(noise_key)),)
+               + tuple(state[1:]))
 
     def step(carry, _):
       w, state = carry

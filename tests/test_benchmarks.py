@@ -33,8 +33,11 @@ def test_step_cost_smoke(tmp_path, monkeypatch):
   assert [(r["trace_estimator"], r["warm"]) for r in rows] == [
       ("default", 0), ("default", 1), ("exact", 0), ("exact", 1)]
   assert all(r["step_s"] > 0 and r["ratio_to_floor"] > 0 for r in rows)
-  # The cold refresh runs the full 40 products, a warm one 24 or 40.
-  assert rows[0]["products"] == 40 and rows[1]["products"] in (24, 40)
+  # The cold refresh runs at least one full cycle of 40 products and at
+  # most the default budget of 5 cycles; a warm one at least the guarded
+  # settled step (k + 4 + (k + 4) // 2 = 36).
+  assert 40 <= rows[0]["products"] <= 200
+  assert 36 <= rows[1]["products"] <= 200
   md = open(tmp_path / "step_cost_mlp.md").read()
   assert "| GLD Hessian k=20 | 2 | default | 0 |" in md
   assert "| GLD Hessian k=20 | 2 | exact | 1 |" in md
@@ -45,7 +48,8 @@ def test_refresh_profile_smoke(tmp_path, monkeypatch):
   _run(refresh_profile, monkeypatch, "--n", "24", "--k", "4", "--repeats",
        "1", "--out", str(tmp_path))
   res = json.load(open(tmp_path / "refresh_profile_mlp.json"))
-  assert res["settled_products"] == 8 and res["solve_products"] == 8
+  # k + 4 settled directions and a guard of (k + 4) // 2 (k = 4).
+  assert res["settled_products"] == 12 and res["solve_products"] == 12
   assert len(res["seconds"]) == 8 and min(res["seconds"].values()) > 0
   assert "| Tr(C), 8 probes |" in open(
       tmp_path / "refresh_profile_mlp.md").read()
@@ -63,7 +67,9 @@ def test_warm_start_smoke(tmp_path, monkeypatch):
   for r in prob["rows"]:
     for name in ("GLD Hessian", "GLD leading"):
       assert 0 <= r[name]["warm_error"] < 1 and r[name]["lambda_1"] > 0
-      assert r[name]["warm_matvecs"] in (14, 20)
+      # At least the guarded settled step (capped at the basis of 20), at
+      # most the default budget of 5 cycles.
+      assert 20 <= r[name]["warm_matvecs"] <= 100
   assert "| 2 |" in open(tmp_path / "warm_start_mlp.md").read()
 
 

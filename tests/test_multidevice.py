@@ -80,8 +80,10 @@ def test_all_cases_ran(results):
 
 
 def test_mesh_matches_one_device_in_float32(results):
+  """To float32 rounding of the reordered sums (a step's updates and
+  state; a gathered or mis-reduced sum is off by O(1))."""
   worst = {k: v["rel_diff"] for k, v in results.items()
-           if v["rel_diff"] > 1e-5}
+           if v["rel_diff"] > 3e-5}
   assert not worst, worst
 
 

@@ -152,8 +152,8 @@ def num_params(params: Params) -> int:
 
 
 STATIC_ARGS_EXAMPLE = ("optax.inject_hyperparams(anisonoise.hessian_noise,"
-                       " static_args=('k', 'refresh_every', 'num_probes',"
-                       " 'key'))")
+                       " static_args=('k', 'refresh_every',"
+                       " 'num_probes'))")
 
 
 def check_static(name: str, value: Any) -> None:

@@ -386,7 +386,7 @@ def sgd_scale(n: int, m: int, replacement: bool) -> float:
   5), ``(n - m) / ((n - 1) m)`` without (0 at ``m = n``: full-batch GD)."""
   if replacement:
     return 1.0 / m
-  if m > n:
+  if batching.is_int(m) and m > n:
     raise ValueError(
         f"batch_size={m} is larger than the batch of n={n} examples;"
         " minibatches drawn without replacement (replacement=False) hold at"

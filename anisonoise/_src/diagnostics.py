@@ -130,7 +130,10 @@ def escape_indicator(
 
     # Without chunk_size, the examples' products are still taken a few at
     # a time (all n at once would hold n^2 examples' activations).
-    per_pass = estimators.probe_chunk() if chunk_size is None else chunk_size
+    # Sharded along the examples, a pass holds at least one per device.
+    per_pass = (estimators.probe_chunk()
+                * batching.example_shards(jax.tree.leaves(batch)[0])
+                if chunk_size is None else chunk_size)
     total = batching.fold_chunks(on_chunk, batch, per_pass)
     return total / (m * n)
   draw = covariance.sgd_noise_sampler(loss_fn, params, batch, batch_size=m,

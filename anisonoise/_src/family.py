@@ -32,7 +32,6 @@ from anisonoise._src.refresh import (
     KeyLike,
     Magnitude,
     add_noise,
-    check_static_key,
     check_step_data,
     key_data,
     scale_to,
@@ -285,7 +284,6 @@ def multiplicative_noise(
           " (one example has no spread about its mean), got"
           f" {estimation_size}.")
   batching.check_chunk_size(chunk_size)
-  check_static_key(key)
   key0 = transform_key(key)
   who = "multiplicative_noise"
 

@@ -209,18 +209,6 @@ def _check_magnitude(batch_size: int | None, trace: Any) -> None:
       )
 
 
-def check_static_key(key: Any) -> None:
-  """Refuses a concrete integer array for ``key``: an int seed that
-  ``optax.inject_hyperparams`` turned into an array (the key is fixed when
-  the transform is built and lives in its state). A traced seed (a
-  transform built inside ``vmap``) is left to :func:`canonical_key`."""
-  if (isinstance(key, (jax.Array, np.ndarray))
-      and not isinstance(key, jax.core.Tracer)
-      and not jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
-      and jnp.ndim(key) == 0):
-    batching.check_static("key", key)
-
-
 def _is_masked(x: Any) -> bool:
   return isinstance(x, optax.MaskedNode)
 
@@ -299,7 +287,7 @@ class Magnitude:
   def __post_init__(self):
     _check_magnitude(self.batch_size, self.trace)
     covariance.check_replacement(self.replacement)
-    if self.batch_size is not None:
+    if batching.is_int(self.batch_size):
       object.__setattr__(self, "batch_size", int(self.batch_size))
 
   @property
@@ -445,7 +433,6 @@ def refreshing_transform(
   """
   counts_unconverged = "num_unconverged" in state_type._fields
   refresh_every = batching.check_positive_int("refresh_every", refresh_every)
-  check_static_key(key)
   key = transform_key(key)
 
   def init_fn(params):

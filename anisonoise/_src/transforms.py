@@ -81,7 +81,6 @@ from anisonoise._src.refresh import (
     TraceEstimation,
     TraceFactor,
     add_noise,
-    check_static_key,
     check_step_data,
     dtype_of,
     key_data,
@@ -140,7 +139,6 @@ def isotropic_noise(
       raise ValueError(
           f"std must be a non-negative scalar standard deviation, got {std!r}."
       )
-  check_static_key(key)
   key0 = transform_key(key)
 
   def init_fn(params):
@@ -697,7 +695,6 @@ def sgd_noise(
   References:
     Zhu et al., ICML 2019, Eqs. 5-7.
   """
-  check_static_key(key)
   magnitude = Magnitude(batch_size, trace, replacement)
   estimation = TraceEstimation(trace_estimator, num_probes, chunk_size)
   key0 = transform_key(key)

@@ -27,6 +27,13 @@ def vgg_run(tmp_path_factory):
     return out, json.load(f)
 
 
+# The VGG11 path of the study at tiny width: 3-6 minutes of compilation on
+# the 2-core CPU, so in the slow set. Its fast counterparts: the same
+# protocol code (train.py, every phase and artefact) on the LeNet in
+# tests/test_fashion_mnist.py (test_tiny_run_writes_every_artefact), the
+# VGG11 network in tests/test_models.py, the SVHN/CIFAR-10 loaders in
+# tests/test_colour_data.py, and this file's command-line tests.
+@pytest.mark.slow
 def test_vgg_tiny_run_writes_every_artefact(vgg_run):
   out, summary = vgg_run
   cfg = configs.PRESETS["svhn"]["tiny"]
@@ -55,6 +62,7 @@ def test_vgg_tiny_run_writes_every_artefact(vgg_run):
     assert img.shape[0] > 300 and img.std() > 0.01, fig
 
 
+@pytest.mark.slow  # on the VGG run above
 def test_figure1_joins_runs(vgg_run, tmp_path):
   out, _ = vgg_run
   path = str(tmp_path / "fig1.png")
