@@ -113,7 +113,9 @@ def main(argv):
   loss_fn, params, batch = problem()
   results = {}
   cases = {}
-  for chunk in (None, CHUNK):
+  # ``--cases none``: the data-parallel example alone.
+  chunks = () if "--cases" in argv else (None, CHUNK)
+  for chunk in chunks:
     suffix = "" if chunk is None else f"@chunk{chunk}"
     for name, tx in transforms(chunk).items():
       if chunk is not None and name not in CHUNKED:
@@ -153,11 +155,12 @@ def main(argv):
         }
   if "--data-parallel" in argv:
     i = argv.index("--data-parallel")
-    results["data_parallel"] = data_parallel_example(argv[i + 1], argv[i + 2])
+    results["data_parallel"] = data_parallel_example(
+        argv[i + 1], argv[i + 2], run="--cli-only" not in argv)
   json.dump(results, sys.stdout)
 
 
-def data_parallel_example(data_dir, out):
+def data_parallel_example(data_dir, out, run=True):
   """``examples/data_parallel.py`` in this process (one JAX start for
   every multi-device test): a short run, and its command line with a batch
   the devices cannot share evenly. Its prints go to stderr, so that stdout
@@ -169,8 +172,10 @@ def data_parallel_example(data_dir, out):
   import data_parallel
 
   with contextlib.redirect_stdout(sys.stderr):
-    record = data_parallel.run(steps=3, n=64, k=2, refresh_every=2,
-                               chunk_size=16, data_dir=data_dir, out=out)
+    record = {"devices": jax.device_count()}
+    if run:  # ``run=False``: the command line's error only (no compile)
+      record = data_parallel.run(steps=3, n=64, k=2, refresh_every=2,
+                                 chunk_size=16, data_dir=data_dir, out=out)
     argv = sys.argv
     sys.argv = ["data_parallel.py", "--steps", "1", "--n", "60",
                 "--data-dir", data_dir]

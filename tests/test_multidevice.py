@@ -36,11 +36,14 @@ def example_dir(tmp_path_factory):
 def worker(example_dir):
   """One subprocess for every multi-device test: the cases, then the
   data-parallel example."""
-  env = forced_devices_env(8)
-  proc = subprocess.run(
-      [sys.executable, str(WORKER), "--loop-krylov", "--data-parallel",
-       str(example_dir), str(example_dir / "out")],
-      env=env, capture_output=True, text=True, timeout=900, check=False)
+  return _run_worker("--loop-krylov", "--data-parallel", str(example_dir),
+                     str(example_dir / "out"), "--cli-only")
+
+
+def _run_worker(*args):
+  proc = subprocess.run([sys.executable, str(WORKER), *args],
+                        env=forced_devices_env(8), capture_output=True,
+                        text=True, timeout=900, check=False)
   assert proc.returncode == 0, proc.stderr[-4000:]
   return json.loads(proc.stdout)
 
@@ -51,9 +54,16 @@ def results(worker):
   return {k: v for k, v in worker.items() if k != "data_parallel"}
 
 
-def test_data_parallel_example_on_8_devices(worker, example_dir):
+# About 3 minutes on the 2-core CPU (the LeNet's chunked Hessian noise
+# compiled for 8 devices), so in the slow set. Its fast counterparts: the
+# worker's hessian_noise@chunk16 case (the same transform, chunked, on an
+# 8-device mesh, against one device) and the command-line test below.
+@pytest.mark.slow
+def test_data_parallel_example_on_8_devices(example_dir):
   """``examples/data_parallel.py`` runs unchanged on 8 forced CPU devices
-  on IDX files in the standard format (run by the worker above)."""
+  on IDX files in the standard format."""
+  worker = _run_worker("--data-parallel", str(example_dir),
+                       str(example_dir / "out"), "--cases", "none")
   assert worker["data_parallel"]["devices"] == 8
   rec = json.load(open(example_dir / "out" / "data_parallel.json"))
   assert rec["devices"] == 8 and len(rec["history"]) == 3
