@@ -469,7 +469,7 @@ def refreshing_transform(
       new = jax.lax.cond(batching.any_over_batch(is_refresh), refresh_due,
                          lambda: old)
     ok = _all_finite(new)
-    factor = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+    factor = batching.where_tree(ok, new, old)
     eps = draw(factor, noise_key, params)
     extra = {}
     if counts_unconverged:
