@@ -9,7 +9,9 @@ gradients:
 * the transform's refresh (``update`` at ``refresh_every=1``),
 * its warm-started eigen-solve (``top_eigenpairs(init_subspace=...)``),
 * the Rayleigh-Ritz step on the cached vectors (k products and the dense
-  algebra), and with the guarded settled cycle that follows it,
+  algebra), and with the guarded settled cycle that follows it (and,
+  for the guard's cost, with the unguarded 4-direction cycle it
+  replaced),
 * orthonormalising the k cached vectors alone,
 * k Hessian products from one linearisation (``lax.map``),
 * the 8 forward-mode probes of ``Tr(C)``.
@@ -61,8 +63,8 @@ def main():
   cache = state.eigenvectors
 
   def flat_op(p, b):
-    return curvature.flat_matvec(anisonoise.hessian_operator(loss_fn, p, b),
-                                 unravel, flat.dtype)
+    return curvature.flat_operator(anisonoise.hessian_operator(loss_fn, p, b),
+                                   params)[0]
 
   def block(v):
     return jax.vmap(lambda t: ravel_pytree(t)[0])(v)
@@ -75,6 +77,12 @@ def main():
     return curvature._guarded(
         flat_op(p, b), rayleigh_ritz(p, b, v), jax.random.key(1),
         settled_size, k, 1e-2, True)
+
+  def unguarded_cycle(p, b, v):
+    # The settled step before the guard: k + 4 products, no look outside.
+    return curvature._recycled_cycle(
+        flat_op(p, b), rayleigh_ritz(p, b, v), jax.random.key(1),
+        min(iters, k + curvature.SETTLED_DIRECTIONS), True)
 
   def orthonormalise(v):
     return curvature._orthonormal_rows(block(v), jax.random.key(0))
@@ -90,6 +98,8 @@ def main():
       "Rayleigh-Ritz on the cache": (rayleigh_ritz, (params, batch, cache)),
       "Rayleigh-Ritz + guarded settled cycle": (settled_cycle,
                                                 (params, batch, cache)),
+      "Rayleigh-Ritz + 4 directions, unguarded (before the guard)": (
+          unguarded_cycle, (params, batch, cache)),
       "orthonormalise the cache": (orthonormalise, (cache,)),
       f"{k} products (lax.map)": (lambda p, b, v: jax.lax.map(
           anisonoise.hessian_operator(loss_fn, p, b), v),

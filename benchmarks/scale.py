@@ -5,8 +5,8 @@ On synthetic 32 x 32 x 3 images (timings depend on shapes only), float32:
 - the compile time and per-step cost of a full-batch GD step and of each
   dynamics (refresh ``--refresh``, k = 20, m = 100), every pass in chunks of
   ``--chunk-size`` examples;
-- ``hessian_spectrum(num_eigs=20)``: time, Krylov size, eigenvalues and
-  their residual norms;
+- ``hessian_spectrum(num_eigs=20)``, jitted and eagerly: time, Krylov size,
+  eigenvalues and their residual norms;
 - peak memory of one refresh pass (exact ``Tr(C)`` and one ``H v``) against
   ``--memory-chunks``, each in a fresh process (host RSS on a CPU, the
   device's peak allocation on a GPU);
@@ -160,6 +160,17 @@ def main():
         "converged": bool(out.converged),
         "eigenvalues": np.asarray(out.eigenvalues).tolist(),
         "residual_norms": np.asarray(out.residual_norms).tolist()}
+    # The same call eagerly, as an offline diagnostic is called (its
+    # Krylov steps compile once per call, included).
+    t0 = time.perf_counter()
+    eager = jax.block_until_ready(anisonoise.hessian_spectrum(
+        loss_fn, params, batch, num_eigs=args.eigs, num_iters=args.eig_iters,
+        key=jax.random.key(0), chunk_size=args.chunk_size))
+    res["spectrum"].update(
+        eager_seconds=time.perf_counter() - t0,
+        eager_num_matvecs=int(eager.num_matvecs),
+        eager_max_diff=float(np.max(np.abs(
+            np.asarray(eager.eigenvalues) - np.asarray(out.eigenvalues)))))
     print(json.dumps(res["spectrum"]), flush=True)
     save()
 

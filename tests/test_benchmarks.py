@@ -50,7 +50,7 @@ def test_refresh_profile_smoke(tmp_path, monkeypatch):
   res = json.load(open(tmp_path / "refresh_profile_mlp.json"))
   # k + 4 settled directions and a guard of (k + 4) // 2 (k = 4).
   assert res["settled_products"] == 12 and res["solve_products"] == 12
-  assert len(res["seconds"]) == 8 and min(res["seconds"].values()) > 0
+  assert len(res["seconds"]) == 9 and min(res["seconds"].values()) > 0
   assert "| Tr(C), 8 probes |" in open(
       tmp_path / "refresh_profile_mlp.md").read()
 

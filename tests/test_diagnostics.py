@@ -1,10 +1,14 @@
 """Diagnostics and theory checks (Sections 3-5, App. A)."""
 
+import math
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.linalg
+from jax.flatten_util import ravel_pytree
 
 import anisonoise
 from conftest import (dense_reference, linear_problem, logistic_problem,
@@ -189,6 +193,38 @@ def test_hessian_spectrum_matches_eigh():
   ref = np.linalg.eigvalsh(h)[::-1][:5]
   assert bool(s.converged) and int(s.num_matvecs) >= 30
   assert np.max(np.abs(np.asarray(s.eigenvalues) - ref)) <= 1e-3 * ref[0]
+
+
+def test_eager_spectrum_loops_over_one_compiled_step_as_jit_computes():
+  """Called eagerly, the Krylov recursion is a Python loop over one jitted
+  step that takes the operator's data (the linearisation's residuals) as
+  arguments: the compiled step holds no loop around its product (XLA:CPU
+  runs convolutions several times slower inside one) and no data as
+  constants. The jitted call computes the same numbers."""
+  from anisonoise._src import curvature
+
+  loss_fn, params, batch = mlp_problem()
+  call = lambda p, b: anisonoise.hessian_spectrum(  # noqa: E731
+      loss_fn, p, b, num_eigs=5, key=0)
+  before = curvature._jit_krylov_step._cache_size()
+  eager = call(params, batch)
+  assert curvature._jit_krylov_step._cache_size() == before + 1
+  jitted = jax.jit(call)(params, batch)
+  assert int(eager.num_matvecs) == int(jitted.num_matvecs) >= 30
+  np.testing.assert_allclose(eager.eigenvalues, jitted.eigenvalues,
+                             rtol=1e-10)
+  mv, dtype, _ = curvature.flat_operator(
+      anisonoise.hessian_operator(loss_fn, params, batch), params)
+  d = ravel_pytree(params)[0].size
+  krylov = curvature.Krylov(jnp.zeros((4, d), dtype), jnp.zeros((4, 3), dtype))
+  hlo = curvature._jit_krylov_step.lower(mv, 0, krylov).compile().as_text()
+  assert "while" not in hlo
+  # No data folded in: every constant is smaller than the batch (n = 30)
+  # and the residuals; they come in as arguments.
+  sizes = [math.prod(int(x) for x in re.search(r"\[([0-9,]*)\]",
+                                                line).group(1).split(",") if x)
+           for line in hlo.splitlines() if " constant(" in line]
+  assert sizes and max(sizes) < 30, sizes
 
 
 def test_spectral_density_moments():

@@ -22,9 +22,8 @@ import main as study  # noqa: E402
 import models  # noqa: E402
 import train as fm  # noqa: E402
 
-# One xdist worker runs the whole module: its module-scoped fixture is
-# computed once.
-pytestmark = pytest.mark.xdist_group("fashion_mnist_study")
+# One xdist worker runs the whole module (``--dist loadfile``): its
+# fixtures are computed once.
 
 TINY = configs.PRESETS["fashion_mnist"]["tiny"]
 

@@ -17,9 +17,8 @@ import numpy as np
 import pytest
 from conftest import forced_devices_env, write_fake_split
 
-# One xdist worker runs the whole module: its module-scoped fixture is
-# computed once.
-pytestmark = pytest.mark.xdist_group("multidevice")
+# One xdist worker runs the whole module (``--dist loadfile``): its
+# fixtures are computed once.
 
 WORKER = pathlib.Path(__file__).with_name("multidevice_worker.py")
 

@@ -33,11 +33,13 @@ two paths run the same arithmetic. The returned residual norms
 
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from anisonoise._src import batching
@@ -163,14 +165,30 @@ def hessian_operator(loss_fn: LossFn, params: Params, batch: Batch, *,
   """
   batching.check_chunk_size(chunk_size)
   n = sums.check_data(loss_fn, params, batch, "hessian_operator")
+  # Every operator but a stream's is a ``jax.tree_util.Partial`` whose
+  # leaves are its data (the linearisation's residuals, or the point and
+  # the batch): an eager solve passes it to one jitted Krylov step as an
+  # argument (see :func:`_extend`).
   if sums.is_single_pass(batch, chunk_size):
-    grad_fn = jax.grad(batching.mean_loss(loss_fn, batch))
     if linearize:
+      grad_fn = jax.grad(batching.mean_loss(loss_fn, batch))
       return jax.linearize(grad_fn, params)[1]
-    return lambda v: jax.jvp(grad_fn, (params,), (v,))[1]
-  return lambda v: sums.scale(
-      sums.total(sums.hvp_sum, loss_fn, chunk_size, params,
-                 batch, v),
+    return jax.tree_util.Partial(functools.partial(_plain_hvp, loss_fn),
+                                 params, batch)
+  if isinstance(batch, sums.Batches):
+    return lambda v: _chunked_hvp(loss_fn, chunk_size, n, params, batch, v)
+  return jax.tree_util.Partial(
+      functools.partial(_chunked_hvp, loss_fn, chunk_size, n), params, batch)
+
+
+def _plain_hvp(loss_fn, params, batch, v):
+  grad_fn = jax.grad(batching.mean_loss(loss_fn, batch))
+  return jax.jvp(grad_fn, (params,), (v,))[1]
+
+
+def _chunked_hvp(loss_fn, chunk_size, n, params, batch, v):
+  return sums.scale(
+      sums.total(sums.hvp_sum, loss_fn, chunk_size, params, batch, v),
       1.0 / n)
 
 
@@ -260,13 +278,47 @@ def _krylov_step(mv, j, krylov: Krylov) -> Krylov:
 
 
 def _extend(mv, krylov: Krylov, start: int, stop: int, unroll: bool):
-  """Krylov steps ``start .. stop - 1``, unrolled or in a ``fori_loop``."""
+  """Krylov steps ``start .. stop - 1``: see :func:`_steps`."""
+  return _steps(_krylov_step, _jit_krylov_step, mv, start, stop, krylov,
+                unroll)
+
+
+_jit_krylov_step = jax.jit(_krylov_step)
+
+
+def _eager_operator(mv, carry) -> bool:
+  """Whether a recursion runs eagerly (its carry is concrete) on an
+  operator whose data are its pytree leaves (a
+  ``jax.tree_util.Partial``, as :func:`hessian_operator` builds)."""
+  return (isinstance(mv, jax.tree_util.Partial)
+          and _is_concrete(jax.tree.leaves(carry)[0])
+          and all(isinstance(x, (jax.Array, np.ndarray, float, int))
+                  and _is_concrete(x) for x in jax.tree.leaves(mv)))
+
+
+def _steps(step, jitted_step, mv, start: int, stop: int, carry,
+           unroll: bool):
+  """``carry = step(mv, j, carry)`` for ``j = start .. stop - 1``.
+
+  Called eagerly on a pytree operator, a Python loop over one jitted step
+  that takes the operator's data as arguments: its products run outside
+  any XLA loop (convolutions run several times slower inside XLA:CPU
+  loops) and nothing is folded into the program as a constant. On the
+  paper's LeNet written with ``lax.conv`` (1,200 images, 2-core CPU) an
+  eager ``hessian_spectrum(num_eigs=20)`` took 0.9 s a product in a
+  ``fori_loop`` and takes about the 0.26 s of a lone linearised product
+  this way (``benchmarks/peers.py``). Under a trace (``jit``,
+  ``vmap``): unrolled at trace time (``unroll``) or a ``fori_loop``.
+  """
+  if _eager_operator(mv, carry):
+    for j in range(start, stop):
+      carry = jitted_step(mv, j, carry)
+    return carry
   if unroll:
     for j in range(start, stop):
-      krylov = _krylov_step(mv, j, krylov)
-    return krylov
-  return jax.lax.fori_loop(start, stop,
-                           lambda j, c: _krylov_step(mv, j, c), krylov)
+      carry = step(mv, j, carry)
+    return carry
+  return jax.lax.fori_loop(start, stop, lambda j, c: step(mv, j, c), carry)
 
 
 def build_krylov(mv: Callable[[jax.Array], jax.Array], v0: jax.Array,
@@ -289,18 +341,23 @@ def solve_dtype(dtype) -> jnp.dtype:
   return jnp.promote_types(dtype, jnp.float32)
 
 
-def flat_matvec(matvec: Matvec, unravel: Callable, dtype) -> Callable:
-  """``matvec`` on pytrees as a map on raveled vectors of ``dtype``."""
-  return lambda x: ravel_pytree(matvec(unravel(x)))[0].astype(dtype)
+def _flat_apply(unravel, in_dtype, dtype, matvec, x):
+  return ravel_pytree(matvec(unravel(x.astype(in_dtype))))[0].astype(dtype)
 
 
 def flat_operator(matvec: Matvec, like: Params):
   """``matvec`` on raveled vectors in :func:`solve_dtype`: returns the flat
-  map (each leaf cast to ``like``'s dtype before the product), that dtype
-  and the ``unravel`` of a solve's vectors (leaves in that dtype)."""
+  map (each leaf cast to ``like``'s dtype before the product; a
+  ``jax.tree_util.Partial`` with ``matvec``'s leaves when ``matvec`` is
+  one), that dtype and the ``unravel`` of a solve's vectors (leaves in
+  that dtype)."""
   flat, unravel = ravel_pytree(like)
   dtype = solve_dtype(flat.dtype)
-  mv = flat_matvec(matvec, lambda x: unravel(x.astype(flat.dtype)), dtype)
+  apply = functools.partial(_flat_apply, unravel, flat.dtype, dtype)
+  if isinstance(matvec, jax.tree_util.Partial):
+    mv = jax.tree_util.Partial(apply, matvec)
+  else:
+    mv = functools.partial(apply, matvec)
   unravel_out = ravel_pytree(jax.tree.map(
       lambda x: jnp.asarray(x).astype(dtype), like))[1]
   return mv, dtype, unravel_out
@@ -373,7 +430,15 @@ def _rayleigh_ritz(mv, block: jax.Array, key: jax.Array) -> _Recycled:
   in order; a zero row, an empty cache, gets a random direction instead):
   ``b`` products."""
   basis = _orthonormal_rows(block, key)
-  return _ritz_pairs(basis, jax.lax.map(mv, basis))
+  if _eager_operator(mv, basis):
+    # Eagerly, each product outside an XLA loop (see :func:`_steps`).
+    images = jnp.stack([_jit_apply(mv, row) for row in basis])
+  else:
+    images = jax.lax.map(mv, basis)
+  return _ritz_pairs(basis, images)
+
+
+_jit_apply = jax.jit(lambda mv, x: mv(x))
 
 
 def _orthonormal_rows(block: jax.Array, key: jax.Array) -> jax.Array:
@@ -436,21 +501,23 @@ def _grow(mv, pairs: _Recycled, key: jax.Array, num_iters: int,
     start = jnp.where(jnp.linalg.norm(start) > 0, start, rand)
   basis = basis.at[b].set(_orthogonalise(basis, start))
 
-  def step(j, carry):
-    basis, images = carry
-    w = mv(basis[j])
-    images = images.at[j].set(w)
-    nxt = _orthogonalise(basis, w)
-    basis = basis.at[j + 1].set(jnp.where(j + 1 < num_iters, nxt, 0.0))
-    return basis, images
-
-  carry = (basis, images)
-  if unroll:
-    for j in range(b, num_iters):
-      carry = step(j, carry)
-  else:
-    carry = jax.lax.fori_loop(b, num_iters, step, carry)
+  carry = _steps(_grow_step, _jit_grow_step, mv, b, num_iters,
+                 (basis, images), unroll)
   return carry[0][:num_iters], carry[1]
+
+
+def _grow_step(mv, j, carry):
+  """One step of :func:`_grow`: the image of row ``j`` and, orthogonalised
+  against every row, row ``j + 1`` (none past the last image's row)."""
+  basis, images = carry
+  w = mv(basis[j])
+  images = images.at[j].set(w)
+  nxt = _orthogonalise(basis, w)
+  basis = basis.at[j + 1].set(jnp.where(j + 1 < images.shape[0], nxt, 0.0))
+  return basis, images
+
+
+_jit_grow_step = jax.jit(_grow_step)
 
 
 def settled_directions(b: int) -> int:

@@ -567,7 +567,13 @@ def hessian_spectrum(
   times the largest ``|lambda_j|`` found: each eigenvalue is then within
   that of one of the Hessian's. The Krylov basis holds ``num_iters``
   vectors (default ``min(D, 2 num_eigs + 20)``); the solve runs in float32
-  at least, so bfloat16 models work.
+  at least, so bfloat16 models work. Called eagerly (as an offline
+  diagnostic usually is), each Krylov step is one compiled program that
+  takes the linearisation's residuals as arguments, run from a Python loop:
+  no product runs inside an XLA loop, where XLA:CPU runs convolutions
+  several times slower, and the step compiles once per call. Under
+  ``jax.jit`` the steps run in a ``lax.fori_loop``; both give the same
+  numbers. ``benchmarks/peers.py`` times both against PyHessian.
 
   Args:
     loss_fn: ``loss_fn(params, batch) -> (n,)`` per-example losses.

@@ -14,9 +14,8 @@ import configs
 import main
 import train
 
-# One xdist worker runs the whole module: its module-scoped fixture is
-# computed once.
-pytestmark = pytest.mark.xdist_group("noisy_minima_study")
+# One xdist worker runs the whole module (``--dist loadfile``): its
+# fixtures are computed once.
 
 
 @pytest.fixture(scope="module")
