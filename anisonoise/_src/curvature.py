@@ -296,6 +296,24 @@ def _eager_operator(mv, carry) -> bool:
                   and _is_concrete(x) for x in jax.tree.leaves(mv)))
 
 
+_last_eager_operator = []
+
+
+def _hold_one_operator(mv) -> None:
+  """Keeps the eager steps' compiled programs of one operator only.
+
+  Each eager solve's operator has a structure of its own (its
+  ``jax.tree_util.Partial`` holds the linearisation), so its steps are
+  compiled for it and never reused by a later call; a new operator drops
+  the previous one's programs, so that a diagnostic called every few
+  hundred steps of a long run does not keep one executable per call."""
+  tree = jax.tree.structure(mv)
+  if _last_eager_operator != [tree]:
+    for fn in (_jit_krylov_step, _jit_grow_step, _jit_apply):
+      fn.clear_cache()
+    _last_eager_operator[:] = [tree]
+
+
 def _steps(step, jitted_step, mv, start: int, stop: int, carry,
            unroll: bool):
   """``carry = step(mv, j, carry)`` for ``j = start .. stop - 1``.
@@ -311,6 +329,7 @@ def _steps(step, jitted_step, mv, start: int, stop: int, carry,
   ``vmap``): unrolled at trace time (``unroll``) or a ``fori_loop``.
   """
   if _eager_operator(mv, carry):
+    _hold_one_operator(mv)
     for j in range(start, stop):
       carry = jitted_step(mv, j, carry)
     return carry
@@ -432,6 +451,7 @@ def _rayleigh_ritz(mv, block: jax.Array, key: jax.Array) -> _Recycled:
   basis = _orthonormal_rows(block, key)
   if _eager_operator(mv, basis):
     # Eagerly, each product outside an XLA loop (see :func:`_steps`).
+    _hold_one_operator(mv)
     images = jnp.stack([_jit_apply(mv, row) for row in basis])
   else:
     images = jax.lax.map(mv, basis)
