@@ -322,10 +322,11 @@ def _steps(step, jitted_step, mv, start: int, stop: int, carry,
   that takes the operator's data as arguments: its products run outside
   any XLA loop (convolutions run several times slower inside XLA:CPU
   loops) and nothing is folded into the program as a constant. On the
-  paper's LeNet written with ``lax.conv`` (1,200 images, 2-core CPU) an
-  eager ``hessian_spectrum(num_eigs=20)`` took 0.9 s a product in a
-  ``fori_loop`` and takes about the 0.26 s of a lone linearised product
-  this way (``benchmarks/peers.py``). Under a trace (``jit``,
+  paper's LeNet written with ``lax.conv`` (1,200 images, 2-core CPU, top
+  20 from 40 products, compilation included) this took 23-24 s, and the
+  same 40 steps as one jitted ``fori_loop`` with the operator's data as
+  arguments 119-120 s; a 200-step solve took 115 s (0.57 s a product)
+  at the point of ``benchmarks/peers.py``. Under a trace (``jit``,
   ``vmap``): unrolled at trace time (``unroll``) or a ``fori_loop``.
   """
   if _eager_operator(mv, carry):
