@@ -11,7 +11,9 @@ is installed, random images of that shape otherwise), at a point reached by
   end, for a few Krylov sizes and tolerances (``--configs``); the
   eigenvalues are compared with a converged reference (``--ref-iters``
   Lanczos steps). ``--plain-conv`` runs it all on LeNet written with
-  ``lax.conv`` and ``max_pool``, as a user writes it.
+  ``lax.conv`` and ``max_pool``, as a user writes it. Beside them,
+  ``hessian_spectrum(num_eigs=20)`` exactly as a user calls it, eagerly
+  and under ``jax.jit`` (:func:`public_rows`), on LeNet and the MLP.
 * PyHessian (optional ``bench`` extra, PyTorch on the CPU):
   ``hessian(model, criterion, data=(x, y), cuda=False).eigenvalues(top_n=20)``
   on a PyTorch copy of the same network and weights (checked to give the same

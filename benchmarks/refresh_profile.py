@@ -46,7 +46,7 @@ def main():
   loss_fn, params, batch = (lenet_problem(args.n) if args.model == "lenet"
                             else mlp_problem(args.n))
   k = args.k
-  flat, unravel = ravel_pytree(params)
+  flat = ravel_pytree(params)[0]
   iters = curvature.default_num_iters(k, flat.size)
   settled_size = min(iters, k + curvature.settled_directions(k))
   tx = anisonoise.hessian_noise(k, batch_size=20, key=0)
