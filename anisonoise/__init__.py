@@ -59,6 +59,7 @@ from anisonoise._src.transforms import hessian_noise
 from anisonoise._src.transforms import isotropic_noise
 from anisonoise._src.transforms import leading_noise
 from anisonoise._src.training import NoisyTrainState
+from anisonoise._src.training import multi_steps
 from anisonoise._src.training import nnx_loss
 from anisonoise._src.training import with_full_params
 from anisonoise._src.transforms import sgd_noise
@@ -112,6 +113,7 @@ __all__ = (
     "map_chunks",
     "mean_gradient",
     "multiplicative_noise",
+    "multi_steps",
     "nnx_loss",
     "num_examples",
     "ou_escape_efficiency",

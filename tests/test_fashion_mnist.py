@@ -425,3 +425,50 @@ def test_long_runs_script_resumes_across_calls(tmp_path, data_dir):
   assert r.returncode == 2
   assert "usage: bash" in r.stderr
   assert "long_runs.sh OUT_DIR SECONDS" in r.stderr
+
+
+def test_msgd_preset_trains_from_initialisation_on_wu2020s_split(
+    tmp_path_factory):
+  """Wu et al.'s Fig. 1(a) protocol at tiny size: the training images are
+  the test file's first, the test images the training file's, raw 0-255
+  pixels, every parameter N(0, 0.02^2), no GD phase (every dynamics starts
+  from the same initialisation), M-SGD rows from the library's table."""
+  d = tmp_path_factory.mktemp("wu2020")
+  train_images, train_labels = write_fake_split(d, "train", 30, seed=3)
+  test_images, test_labels = write_fake_split(d, "test", 50, seed=4)
+  cfg = dataclasses.replace(
+      configs.PRESETS["fashion_mnist"]["msgd"], num_clean=20, num_test=30,
+      steps=4, batch_size=5, estimation_size=10, early_steps=2,
+      early_eval_every=2, eval_every=2, sharpness_every=4,
+      sharpness_samples=4)
+  paper = configs.PRESETS["fashion_mnist"]["msgd_paper"]
+  assert (paper.lr, paper.steps, paper.init, paper.pixels, paper.gd_steps,
+          paper.num_clean, paper.num_corrupt) == (
+              0.01, 10_001, "normal", "raw", 0, 1000, 0)
+
+  data = fm.input_pipeline.load(cfg, str(d), seed=0)
+  np.testing.assert_array_equal(data.train["y"], test_labels[:20])
+  np.testing.assert_array_equal(data.test["y"], train_labels[:30])
+  # Raw pixels: patch 0 of image 0 is its top-left 5x5 block, unscaled.
+  np.testing.assert_array_equal(
+      np.asarray(data.train["x"][0, 0]), test_images[0, :5, :5].ravel())
+  params, _, _ = models.create(cfg, seed=0)
+  flat = np.concatenate([np.ravel(x) for x in jax.tree.leaves(params)])
+  assert flat.size == 11_330 and abs(flat.std() - 0.02) < 0.002
+  assert np.all(flat != 0)  # biases drawn too
+
+  out = str(tmp_path_factory.mktemp("msgd"))
+  summary = fm.run(out, cfg, seed=0, data_dir=str(d))
+  assert len(summary["gd"]) == 1 and summary["gd"][0]["step"] == 0
+  assert list(summary["dynamics"]) == list(cfg.dynamics)
+  start = summary["gd"][0]["train_loss"]
+  finals = set()
+  for name, hist in summary["dynamics"].items():
+    assert [r["step"] for r in hist] == [0, 2, 4], name
+    assert hist[0]["train_loss"] == start  # from the initialisation
+    finals.add(hist[-1]["train_loss"])
+  assert len(finals) == len(cfg.dynamics)  # each its own noise
+  table = open(os.path.join(out, "table.md")).read()
+  assert "from initialisation" in table and "| MSGD-Cov-B |" in table
+  assert sorted(f for f in os.listdir(out) if f.endswith(".png")) == [
+      "fig3.png", "fig8.png"]

@@ -251,3 +251,72 @@ def test_masked_noise_without_full_params_says_how():
                     {"l1": {"w": False, "b": False}, "l2": (True, True)})
   with pytest.raises(ValueError, match="anisonoise.with_full_params"):
     tx.update(params, tx.init(params), params, loss_fn=loss_fn, batch=batch)
+
+
+def _accumulation_run(make, k, steps, counted=None):
+  """``steps`` micro-steps of ``make(chain(hessian_noise, sgd), k)`` on
+  micro-batches of the MLP problem; the updates and the final state."""
+  loss_fn, params, (x, y) = mlp_problem(n=24)
+  tx = make(optax.chain(_small_hessian_noise(batch_size=4, key=5),
+                        optax.sgd(0.1)), k)
+  noise_loss = counted(loss_fn) if counted else loss_fn
+
+  @jax.jit
+  def step(params, state, mb):
+    g = jax.grad(lambda p: loss_fn(p, mb).mean())(params)
+    u, state = tx.update(g, state, params, loss_fn=noise_loss, batch=mb)
+    return optax.apply_updates(params, u), state, u
+
+  state, out = tx.init(params), []
+  for i in range(steps):
+    mb = (x[4 * i:4 * i + 4], y[4 * i:4 * i + 4])
+    params, state, u = step(params, state, mb)
+    out.append(u)
+  return out, state
+
+
+def test_multi_steps_draws_the_noise_once_per_real_step():
+  """``anisonoise.multi_steps`` gives ``optax.MultiSteps``' updates and
+  state, with the noise's loss evaluated at the real steps only."""
+  ticks = []
+
+  def counted(loss_fn):
+    def f(p, b):
+      jax.debug.callback(lambda: ticks.append(1))
+      return loss_fn(p, b)
+    return f
+
+  ours, state = _accumulation_run(anisonoise.multi_steps, 3, 6, counted)
+  evaluations = len(ticks)
+  theirs, their_state = _accumulation_run(optax.MultiSteps, 3, 6, counted)
+  for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9)
+  assert int(state.gradient_step) == int(their_state.gradient_step) == 2
+  for i, u in enumerate(ours):  # updates at micro-steps 2 and 5 only
+    assert any(bool(jnp.any(v != 0)) for v in jax.tree.leaves(u)) == (
+        i % 3 == 2)
+  # optax.MultiSteps runs the noise at all 6 micro-steps, ours at 2.
+  assert evaluations > 0 and len(ticks) - evaluations == 3 * evaluations
+
+
+def test_multi_steps_under_vmap_equals_each_seed():
+  loss_fn, params, (x, y) = mlp_problem(n=24)
+
+  def run(seed):
+    tx = anisonoise.multi_steps(
+        optax.chain(_small_hessian_noise(batch_size=4, key=seed),
+                    optax.sgd(0.1)), 2)
+    p, state = params, tx.init(params)
+    for i in range(4):
+      mb = (x[4 * i:4 * i + 4], y[4 * i:4 * i + 4])
+      g = jax.grad(lambda q: loss_fn(q, mb).mean())(p)
+      u, state = tx.update(g, state, p, loss_fn=loss_fn, batch=mb)
+      p = optax.apply_updates(p, u)
+    return p
+
+  seeds = jnp.arange(3)
+  mapped = jax.jit(jax.vmap(run))(seeds)
+  for s in range(3):
+    for a, b in zip(jax.tree.leaves(jax.tree.map(lambda v: v[s], mapped)),
+                    jax.tree.leaves(run(jnp.asarray(s)))):
+      np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-7)

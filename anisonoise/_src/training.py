@@ -14,6 +14,8 @@ on; three places need a small piece:
 - ``optax.masked`` / ``optax.partition`` hand their inner transforms only
   the selected parameters: :func:`with_full_params` lets the loss see all
   of them.
+- ``optax.MultiSteps`` calls its inner transform on every micro-step:
+  :func:`multi_steps` calls it on the real steps only.
 """
 
 from __future__ import annotations
@@ -21,9 +23,13 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from flax.training import train_state
+
+from anisonoise._src import batching
 
 Params = Any
 
@@ -223,3 +229,108 @@ def with_full_params(
     return tx.update(updates, state, params, loss_fn=loss_fn, **extra_args)
 
   return optax.GradientTransformationExtraArgs(tx.init, update_fn)
+
+
+def _split_static(extra: dict) -> tuple[list, Callable[[list], dict]]:
+  """``extra``'s array leaves, and a function that puts arrays back among
+  its other leaves (functions, ints): the arrays cross a ``lax.cond`` as
+  operands, the rest as closed-over Python values."""
+  leaves, treedef = jax.tree.flatten(extra)
+  is_array = [isinstance(x, (jax.Array, np.ndarray)) for x in leaves]
+
+  def rebuild(arrays: list) -> dict:
+    it = iter(arrays)
+    return jax.tree.unflatten(treedef, [next(it) if a else x
+                                        for x, a in zip(leaves, is_array)])
+
+  return [x for x, a in zip(leaves, is_array) if a], rebuild
+
+
+def multi_steps(
+    opt: optax.GradientTransformation,
+    every_k_schedule: int | Callable[[jax.Array], jax.Array],
+    **kwargs: Any,
+) -> optax.GradientTransformationExtraArgs:
+  """``optax.MultiSteps`` that runs ``opt`` on the real steps only.
+
+  ``optax.MultiSteps(opt, k)`` accumulates ``k`` micro-batch gradients and
+  lets ``opt`` act on their mean every ``k``-th call; but it calls
+  ``opt.update`` on every micro-step and keeps the result of the last one,
+  so a noise inside ``opt`` is estimated and drawn ``k`` times per real
+  step (a refresh included) and ``k - 1`` of them are thrown away. This
+  wrapper has the same state (``optax.MultiStepsState``), the same updates
+  and the same ``extra_args`` (``loss_fn``, ``batch``), and skips
+  ``opt.update`` at the micro-steps that emit nothing (a ``lax.cond``): the
+  noise of paper Eq. 7 is drawn once per real step, from the ``batch``
+  given at that step. Under ``jax.vmap`` over states (several seeds), the
+  update runs at the micro-steps where some seed emits (the predicate is
+  reduced over the seeds, as the transforms' refreshes are).
+
+  Measured (``benchmarks/multi_steps.py``, k = 4, ``hessian_noise`` on the
+  test suite's MLP): see ``benchmarks/README.md``, "Gradient
+  accumulation".
+
+  Args:
+    opt: the transform applied to the accumulated gradient (noise and
+      optimizer, e.g. ``optax.chain(anisonoise.hessian_noise(...),
+      optax.sgd(lr))``).
+    every_k_schedule: ``k``, or a function of the real step count returning
+      it, as in ``optax.MultiSteps``.
+    **kwargs: the other arguments of ``optax.MultiSteps``
+      (``use_grad_mean``, ``should_skip_update_fn``).
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` whose state is
+    ``optax.MultiStepsState``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, anisonoise
+    >>> x = jax.random.normal(jax.random.key(0), (16, 3))
+    >>> batch = {'x': x, 'y': x[:, 0]}
+    >>> loss_fn = lambda p, b: 0.5 * (b['x'] @ p - b['y']) ** 2
+    >>> tx = anisonoise.multi_steps(
+    ...     optax.chain(anisonoise.hessian_noise(k=2, trace=1e-2),
+    ...                 optax.sgd(0.1)), every_k_schedule=2)
+    >>> params = jnp.zeros(3)
+    >>> state = tx.init(params)
+    >>> for step in range(4):
+    ...   g = jax.grad(lambda p: loss_fn(p, batch).mean())(params)
+    ...   u, state = tx.update(g, state, params, loss_fn=loss_fn, batch=batch)
+    ...   params = optax.apply_updates(params, u)
+    >>> int(state.gradient_step)  # two real steps, two noise draws
+    2
+
+  References:
+    Zhu et al., ICML 2019, Eq. 7.
+  """
+  opt = optax.with_extra_args_support(opt)
+  real = optax.MultiSteps(opt, every_k_schedule, **kwargs)
+
+  def hold_update(updates, state, params=None, **extra_args):
+    """Zeros shaped like ``opt``'s updates, ``state`` unchanged."""
+    arrays, rebuild = _split_static(extra_args)
+    shapes = jax.eval_shape(
+        lambda u, s, p, a: opt.update(u, s, p, **rebuild(a)),
+        updates, state, params, arrays)[0]
+    return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes), state
+
+  # The same bookkeeping (accumulator, counters) with ``opt`` not called.
+  held = optax.MultiSteps(
+      optax.GradientTransformationExtraArgs(opt.init, hold_update),
+      every_k_schedule, **kwargs)
+  k_of = (every_k_schedule if callable(every_k_schedule)
+          else lambda _: every_k_schedule)
+
+  def update_fn(updates, state, params=None, **extra_args):
+    arrays, rebuild = _split_static(extra_args)
+    emit = state.mini_step == k_of(state.gradient_step) - 1
+
+    def run(multi):
+      def branch(updates, state, params, arrays):
+        return multi.update(updates, state, params, **rebuild(arrays))
+      return branch
+
+    return jax.lax.cond(batching.any_over_batch(emit), run(real), run(held),
+                        updates, state, params, arrays)
+
+  return optax.GradientTransformationExtraArgs(real.init, update_fn)

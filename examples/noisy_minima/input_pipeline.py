@@ -2,11 +2,13 @@
 
 Fashion-MNIST: the paper's corrupted set (the first ``num_clean +
 num_corrupt`` training images, the last ``num_corrupt`` relabelled at
-random) and the test set, as LeNet patches. SVHN and CIFAR-10: images in
-[-1, 1], no augmentation (App. D.4). SVHN's split follows the authors'
-scripts by default (``svhn_split="paper"``): the first 25,000 images of
-``test_32x32.mat`` are the training set and the first ``num_test`` of
-``train_32x32.mat`` the test set; ``"standard"`` uses the files as named.
+random) and the test set, as LeNet patches; or Wu et al.'s (2020) split
+(``fmnist_split="wu2020"``), optionally with raw 0-255 pixels. SVHN and
+CIFAR-10: images in [-1, 1], no augmentation (App. D.4). SVHN's split
+follows the authors' scripts by default (``svhn_split="paper"``): the first
+25,000 images of ``test_32x32.mat`` are the training set and the first
+``num_test`` of ``train_32x32.mat`` the test set; ``"standard"`` uses the
+files as named.
 """
 
 from __future__ import annotations
@@ -48,8 +50,30 @@ def _synthetic(n: int, seed: int):
   return images.astype(np.uint8), labels
 
 
+def _wu2020(cfg: Config, data_dir: str | None) -> Data:
+  """Wu et al.'s (2020) FashionMNIST split (uuujf/MultiNoise, mnist2np.py):
+  the first ``num_clean`` images of the test file to train on, the first
+  ``num_test`` of the training file to test on; no label is corrupted."""
+  tr = _take(*data.load_fashion_mnist("test", data_dir=data_dir),
+             cfg.num_clean, "training")
+  te = _take(*data.load_fashion_mnist("train", data_dir=data_dir),
+             cfg.num_test, "test")
+
+  def patches(images):
+    x = (images.astype(np.float32)[..., None] if cfg.pixels == "raw"
+         else data.scale_images(images))
+    return lenet_patches(jnp.asarray(x))
+
+  n = len(tr[1])
+  return Data({"x": patches(tr[0]), "y": jnp.asarray(tr[1], jnp.int32)},
+              {"x": patches(te[0]), "y": jnp.asarray(te[1], jnp.int32)},
+              np.zeros(n, bool), np.asarray(tr[1], np.int32))
+
+
 def load(cfg: Config, data_dir: str | None, seed: int) -> Data:
   """The study's data (raises ``anisonoise.data.DataError`` when missing)."""
+  if cfg.dataset == "fashion_mnist" and cfg.fmnist_split == "wu2020":
+    return _wu2020(cfg, data_dir)
   if cfg.dataset == "fashion_mnist":
     images, labels = data.load_fashion_mnist("train", data_dir=data_dir)
     train = data.corrupted_training_set(

@@ -26,6 +26,12 @@ def create(cfg: Config, seed: int):
     model = VGG11(10, rngs=nnx.Rngs(seed), width=cfg.vgg_width)
     expected = VGG11_NUM_PARAMS if cfg.vgg_width == 1 else None
   graphdef, params = nnx.split(model, nnx.Param)
+  if cfg.init == "normal":  # MultiNoise's ConvSmall: every entry N(0, 0.02^2)
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    params = jax.tree.unflatten(treedef, [
+        0.02 * jax.random.normal(k, x.shape, x.dtype)
+        for k, x in zip(keys, leaves)])
   d = sum(x.size for x in jax.tree.leaves(params))
   if expected is not None and d != expected:
     raise AssertionError(f"{cfg.model} has {d} parameters, expected"

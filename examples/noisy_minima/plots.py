@@ -39,9 +39,18 @@ def _series(hist, key, offset=0):
           np.array([r[key] for r in rows]))
 
 
+def _start(summary: dict) -> str:
+  """Where the dynamics start: theta_GD, or the initialisation (no GD
+  phase, as Wu et al.'s Fig. 1(a))."""
+  return "theta_GD" if summary["config"].get("gd_steps") else "initialisation"
+
+
 def _title(summary: dict) -> str:
   cfg = dict(summary["config"])
   cfg["num_train"] = summary["data"]["num_train"]
+  if cfg.get("fmnist_split") == "wu2020":
+    return (f"FashionMNIST (Wu et al.'s split), {cfg['num_train']} images,"
+            f" lr {cfg['lr']}, from initialisation")
   title = TITLES[cfg["dataset"]].format(**cfg)
   return title + " (synthetic images)" if cfg.get("synthetic") else title
 
@@ -59,13 +68,15 @@ def plot_curves(summary: dict, path: str) -> None:
   for ax, key, label in zip(axes, ("train_acc", "test_acc", "sharpness"),
                             ("training accuracy", "test accuracy",
                              "expected sharpness")):
-    x, y = _series(gd, key)
-    ax.plot(x, y, "k.-", lw=0.8, ms=3, label="GD to theta_GD")
+    if t_gd:
+      x, y = _series(gd, key)
+      ax.plot(x, y, "k.-", lw=0.8, ms=3, label="GD to theta_GD")
     for i, (name, hist) in enumerate(dyn.items()):
       x, y = _series(hist, key, t_gd)
       lab = f"{name} ({y[-1]:.3f})" if key == "test_acc" else name
       ax.plot(x, y, color=f"C{i}", lw=1.2, label=lab)
-    ax.axvline(t_gd, color="k", ls="--", lw=0.8)
+    if t_gd:
+      ax.axvline(t_gd, color="k", ls="--", lw=0.8)
     ax.set(xlabel="iteration", ylabel=label)
     if steps < t_gd / 4:  # a short run: zoom on theta_GD and after
       ax.set_xlim(t_gd - 2 * steps, t_gd + 1.05 * steps)
@@ -76,7 +87,7 @@ def plot_curves(summary: dict, path: str) -> None:
       else:
         ax.set_yscale("symlog", linthresh=1e-4)
   axes[1].legend(fontsize=7)
-  fig.suptitle(_title(summary) + " (dashed: theta_GD)")
+  fig.suptitle(_title(summary) + (" (dashed: theta_GD)" if t_gd else ""))
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
@@ -97,7 +108,7 @@ def plot_early(summary: dict, path: str) -> None:
     for i, (name, hist) in enumerate(summary["dynamics"].items()):
       x, y = _series([r for r in hist if r["step"] <= early], key)
       ax.plot(x, y, ".-", color=f"C{i}", ms=3, lw=1.2, label=name)
-    ax.set(xlabel="iteration after theta_GD", ylabel=label)
+    ax.set(xlabel=f"iteration after {_start(summary)}", ylabel=label)
     if key in ("train_loss", "distance"):
       ax.set_yscale("log")
   axes[0].legend(fontsize=7)
@@ -251,9 +262,10 @@ def plot_seeds(summaries: list[dict], names: list[str], path: str) -> None:
     axes[0].fill_between(x, mean - sem, mean + sem, color=f"C{i}", alpha=0.2)
     finals.append((mean[-1], sem if np.isscalar(sem) else sem[-1], steps[-1]))
   gd = np.array([s["gd"][-1]["test_acc"] for s in summaries])
+  start = _start(summaries[0])
   for ax in axes:
-    ax.axhline(gd.mean(), color="k", ls="--", lw=0.8, label="theta_GD")
-  axes[0].set(xscale="log", xlabel="iteration after theta_GD",
+    ax.axhline(gd.mean(), color="k", ls="--", lw=0.8, label=start)
+  axes[0].set(xscale="log", xlabel=f"iteration after {start}",
               ylabel="test accuracy")
   axes[0].legend(fontsize=7)
   m = [f[0] for f in finals]
@@ -277,8 +289,11 @@ def plot_seeds(summaries: list[dict], names: list[str], path: str) -> None:
 def plot_study(summary: dict, out: str) -> list[str]:
   """Every figure of one study into ``out``; returns the file names."""
   if summary["config"]["dataset"] == "fashion_mnist":
-    figs = {"fig3.png": plot_curves, "fig8.png": plot_early,
-            "fig5.png": plot_escape, "fig7.png": plot_norms}
+    figs = {"fig3.png": plot_curves, "fig8.png": plot_early}
+    if summary.get("spectrum"):
+      figs["fig5.png"] = plot_escape
+    if summary["config"].get("diag_every"):
+      figs["fig7.png"] = plot_norms
     if summary.get("stability"):
       figs["stability.png"] = plot_stability
   else:

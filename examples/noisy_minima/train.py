@@ -52,7 +52,7 @@ EVAL_CHUNK = 2000  # examples per evaluation pass when chunk_size is None
 # later reuses theta_GD).
 _GD_KEYS = ("dataset", "model", "vgg_width", "synthetic", "num_clean",
             "num_corrupt", "num_clean_after", "num_train", "num_test",
-            "svhn_split", "gd_lr",
+            "svhn_split", "fmnist_split", "pixels", "init", "gd_lr",
             "gd_steps", "gd_eval_every", "gd_sharpness_every",
             "sharpness_samples", "sharpness_delta", "seed")
 
@@ -78,8 +78,9 @@ def make_tx(name: str, cfg: configs.Config, seed: int):
   noise = anisonoise.dynamics_noise(
       name, std=cfg.const_std, k=cfg.k, batch_size=cfg.batch_size,
       refresh_every=cfg.refresh_every(name),
-      key=seed * 1000 + anisonoise.DYNAMICS.index(name),
-      chunk_size=cfg.chunk_size, trace_estimator="exact", **solver)
+      key=seed * 1000 + configs.ALL_DYNAMICS.index(name),
+      chunk_size=cfg.chunk_size, trace_estimator="exact",
+      estimation_size=cfg.estimation_size, **solver)
   sgd = optax.sgd(cfg.lr)
   # GD and SGD add nothing: plain sgd, with the state layout of sgd alone.
   return sgd if name in ("GD", "SGD") else optax.chain(noise, sgd)
@@ -348,7 +349,7 @@ def _run_phase(
                                   "history": history})
   # One scan length for the whole phase (one compilation): the largest
   # common divisor of the segments, at most SCAN_CHUNK.
-  chunk = functools.reduce(math.gcd, np.diff([0, *points]).tolist())
+  chunk = functools.reduce(math.gcd, np.diff([0, *points]).tolist(), 0) or 1
   chunk = max(d for d in range(1, min(chunk, SCAN_CHUNK) + 1)
               if chunk % d == 0)
   for p in points:
@@ -761,9 +762,10 @@ def markdown_table(summary: dict) -> str:
   """The final table of a study, in markdown."""
   cfg = summary["config"]
   corrupted = summary["data"]["num_corrupted"] > 0
+  start = "theta_GD" if cfg.get("gd_steps") else "initialisation"
   rows = [f"{cfg['dataset']}, {summary['data']['num_train']} training"
-          f" images: from theta_GD (lr {cfg['lr']}, m = {cfg['batch_size']},"
-          f" seed {cfg['seed']}); theta_GD: test accuracy"
+          f" images: from {start} (lr {cfg['lr']}, m = {cfg['batch_size']},"
+          f" seed {cfg['seed']}); {start}: test accuracy"
           f" {summary['gd'][-1]['test_acc']:.4f}, sharpness"
           f" {summary['gd'][-1].get('sharpness', float('nan')):.4g}.", ""]
   head = ["dynamics", "steps", "test acc"]
@@ -816,11 +818,12 @@ def seeds_table(summaries: list[dict]) -> str:
   gd = _mean_sem([s["gd"][-1]["test_acc"] for s in summaries])
   gd_sharp = _mean_sem([s["gd"][-1].get("sharpness", np.nan)
                         for s in summaries])
+  start = "theta_GD" if keys["gd_steps"] else "initialisation"
   rows = [f"{keys['dataset']}, {summaries[0]['data']['num_train']} training"
           f" images, seeds {seeds}: mean +- standard error over seeds."
-          f" theta_GD: test accuracy {gd[0]:.4f} +- {gd[1]:.4f}, expected"
+          f" {start}: test accuracy {gd[0]:.4f} +- {gd[1]:.4f}, expected"
           f" sharpness {gd_sharp[0]:.4g} +- {gd_sharp[1]:.2g}.", "",
-          "| dynamics | steps | test acc | test acc - theta_GD's |"
+          f"| dynamics | steps | test acc | test acc - {start}'s |"
           " train acc (corrupted subset) | expected sharpness |",
           "|---|---|---|---|---|---|"]
   common = common_dynamics(summaries)
