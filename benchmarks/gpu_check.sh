@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU measurement of the benchmarks in one run (at most 7 minutes and
+# Every GPU measurement of the benchmarks in one run (at most 11 minutes and
 # 45 s on one H100), for a host that already has jax with CUDA, flax, optax
 # and chex:
 #
@@ -11,8 +11,9 @@
 # dynamics at refresh 10, top-20 Hessian eigenpairs with residuals, the same
 # step on all local devices through the mesh path, peak device memory
 # against chunk_size), memory.json (the diagnostics on an MLP with
-# D = 2,035,210 and n = 4,096 against chunk_size), and a .md table beside
-# each. Each step has its own time limit, so that one slow step cannot take
+# D = 2,035,210 and n = 4,096 against chunk_size), a .md table beside
+# each, and fmnist_msgd_paper/ (the M-SGD study's full-length preset, where
+# the data are on the host). Each step has its own time limit, so that one slow step cannot take
 # the others with it; a step that fails leaves a note in OUT_DIR/failed.txt.
 set -uo pipefail
 out=${1:?usage: gpu_check.sh OUT_DIR}
@@ -41,4 +42,15 @@ step 75 step_cost_lenet python step_cost.py --model lenet --repeats 3 \
 step 300 scale python scale.py --n 5000 --chunk-size 250 --repeats 2 \
   --mesh --memory-chunks 1000 250 --out "$out"
 step 75 memory python memory.py --n 4096 --chunks 64 none --out "$out"
+# Wu et al.'s Fig. 1(a) at their length (10,001 steps per dynamics), where
+# the Fashion-MNIST files are on the host ($ANISONOISE_FASHION_MNIST_DIR or
+# Debian's package); resumable, so a second call goes on.
+if python -c "from anisonoise import data; data.load_fashion_mnist('test')" \
+    >/dev/null 2>&1; then
+  step 240 fmnist_msgd_paper python ../examples/noisy_minima/main.py \
+    --dataset fashion_mnist --preset msgd_paper --out "$out/fmnist_msgd_paper"
+else
+  echo "fmnist_msgd_paper: no Fashion-MNIST files on this host" \
+    >> "$out/failed.txt"
+fi
 ls -l "$out"

@@ -176,6 +176,7 @@ def test_gpu_check_script_runs_the_benchmarks_it_names():
   for name in ("step_cost.py", "scale.py", "memory.py"):
     assert f"python {name}" in text and os.path.exists(os.path.join(here,
                                                                     name))
+  assert "--preset msgd_paper" in text  # the M-SGD study at full length
   usage = subprocess.run(["bash", script], capture_output=True, text=True,
                          check=False)
   assert usage.returncode != 0 and "usage" in usage.stderr

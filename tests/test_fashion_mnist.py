@@ -473,3 +473,6 @@ def test_msgd_preset_trains_from_initialisation_on_wu2020s_split(
   assert "from initialisation" in table and "| MSGD-Cov-B |" in table
   assert sorted(f for f in os.listdir(out) if f.endswith(".png")) == [
       "fig3.png", "fig8.png"]
+  seeds = fm.seeds_table([summary, dict(summary, config=dict(
+      summary["config"], seed=1))])
+  assert "test acc - initialisation's" in seeds and "corrupted" not in seeds

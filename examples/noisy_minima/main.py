@@ -6,6 +6,9 @@ Presets (``configs.PRESETS``): ``paper`` is each study's full protocol
 (meant for a GPU; resumable anywhere); Fashion-MNIST's ``quick`` and the
 VGG studies' ``cpu`` are reduced runs for a 2-core CPU (docs/reproducing.md
 says what they reduce); ``tiny`` exercises every code path in seconds.
+Fashion-MNIST's ``msgd`` and ``msgd_paper`` run Wu et al.'s (ICML 2020)
+Fig. 1(a) instead: GD, SGD and the multiplicative noises from the
+initialisation, on their 1,000 images.
 
 Usage:
   python examples/noisy_minima/main.py --dataset fashion_mnist --preset quick
@@ -57,7 +60,7 @@ def parse_args(argv=None, dataset_default: str | None = None):
                       help=f"one of {list(configs.DATASETS)}")
   parser.add_argument("--preset", default=None,
                       help="fashion_mnist: paper, quick (default), long,"
-                      " long_authors, tiny;"
+                      " long_authors, msgd, msgd_paper, tiny;"
                       " svhn / cifar10: paper, cpu (default), tiny")
   parser.add_argument("--out", default=None,
                       help="output directory (default results/<dataset>)")

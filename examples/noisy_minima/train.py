@@ -819,13 +819,15 @@ def seeds_table(summaries: list[dict]) -> str:
   gd_sharp = _mean_sem([s["gd"][-1].get("sharpness", np.nan)
                         for s in summaries])
   start = "theta_GD" if keys["gd_steps"] else "initialisation"
+  corrupted = summaries[0]["data"]["num_corrupted"] > 0
   rows = [f"{keys['dataset']}, {summaries[0]['data']['num_train']} training"
           f" images, seeds {seeds}: mean +- standard error over seeds."
           f" {start}: test accuracy {gd[0]:.4f} +- {gd[1]:.4f}, expected"
           f" sharpness {gd_sharp[0]:.4g} +- {gd_sharp[1]:.2g}.", "",
           f"| dynamics | steps | test acc | test acc - {start}'s |"
-          " train acc (corrupted subset) | expected sharpness |",
-          "|---|---|---|---|---|---|"]
+          + (" train acc (corrupted subset) |" if corrupted else "")
+          + " expected sharpness |",
+          "|---|---|---|---|" + ("---|" if corrupted else "") + "---|"]
   common = common_dynamics(summaries)
   for name in common:
     t = [s["table"][name] for s in summaries]
@@ -837,8 +839,9 @@ def seeds_table(summaries: list[dict]) -> str:
     sharp = _mean_sem([r["sharpness"] for r in t])
     rows.append(
         f"| {name} | {'/'.join(map(str, steps))} | {acc[0]:.4f} +-"
-        f" {acc[1]:.4f} | {gain[0]:+.4f} +- {gain[1]:.4f} | {corr[0]:.3f} +-"
-        f" {corr[1]:.3f} | {sharp[0]:.3g} +- {sharp[1]:.2g} |")
+        f" {acc[1]:.4f} | {gain[0]:+.4f} +- {gain[1]:.4f} |"
+        + (f" {corr[0]:.3f} +- {corr[1]:.3f} |" if corrupted else "")
+        + f" {sharp[0]:.3g} +- {sharp[1]:.2g} |")
   partial = {name: [s["config"]["seed"] for s in summaries
                     if name in s["table"]]
              for name in dict.fromkeys(n for s in summaries
