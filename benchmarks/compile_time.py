@@ -6,6 +6,7 @@ over. The models: the paper's LeNet as ``anisonoise.models.LeNet`` (conv2
 as one matmul) and as a user writes it (``lax.conv``), on ``n`` images.
 
   python compile_time.py --n 1200 --out results
+  python compile_time.py --paths loop --repeats 0 --tag _loop  # compile only
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ def child(model: str, unroll: bool, n: int, repeats: int) -> dict:
   t0 = time.perf_counter()
   compiled = step.lower(params, state, batch).compile()
   compile_s = time.perf_counter() - t0
-  run_s = _common.timeit(compiled, params, state, batch, repeats=repeats)
+  run_s = (_common.timeit(compiled, params, state, batch, repeats=repeats)
+           if repeats else float("nan"))
   return {"model": model, "unroll": unroll, "n": n, "compile_s": compile_s,
           "step_s": run_s}
 
@@ -51,6 +53,9 @@ def main() -> None:
   ap.add_argument("--repeats", type=int, default=3)
   ap.add_argument("--out", default="results")
   ap.add_argument("--timeout", type=float, default=900)
+  ap.add_argument("--models", nargs="+", default=["lenet", "plain_conv"])
+  ap.add_argument("--paths", nargs="+", default=["loop", "unroll"])
+  ap.add_argument("--tag", default="", help="suffix of the result files")
   ap.add_argument("--child", nargs=2)
   a = ap.parse_args()
   if a.child:
@@ -58,8 +63,8 @@ def main() -> None:
                            a.repeats)))
     return
   rows = []
-  for model in ("lenet", "plain_conv"):
-    for path in ("loop", "unroll"):
+  for model in a.models:
+    for path in a.paths:
       rows.append(_common.run_child(
           [sys.executable, __file__, "--n", str(a.n), "--repeats",
            str(a.repeats), "--child", model, path], timeout=a.timeout,
@@ -73,7 +78,8 @@ def main() -> None:
         f" {r.get('compile_s', float('nan')):.1f} |"
         f" {r.get('step_s', float('nan')):.2f} |"
         + (f" {r['failed']}" if "failed" in r else ""))
-  _common.write_results(a.out, f"compile_time_n{a.n}", res, "\n".join(lines))
+  _common.write_results(a.out, f"compile_time_n{a.n}{a.tag}", res,
+                        "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -2,8 +2,9 @@
 real step.
 
 ``hessian_noise(10, batch_size=32, refresh_every=5)`` chained with
-``sgd`` on the tanh MLP of ``vmap_seeds.py`` (D = 2,074), micro-batches of
-64 of its 256 examples, ``k`` micro-steps per real step, and the noise
+``sgd`` on the tanh MLP of ``vmap_seeds.py`` (``--sizes``, default
+784-256-10: D = 203,530; 32-48-10: D = 2,074), ``k`` micro-batches of
+``--micro`` examples (default 256) per real step, and the noise
 estimated on the micro-batch of the emitting micro-step. Timed: one cycle
 of ``5 k`` micro-steps (five real steps, one refresh) of a jitted step,
 for ``optax.MultiSteps(sgd)`` (no noise), ``optax.MultiSteps(chain(noise,
@@ -29,14 +30,18 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__)
   parser.add_argument("--k", type=int, default=4)
   parser.add_argument("--repeats", type=int, default=15)
+  parser.add_argument("--sizes", type=int, nargs="+", default=[784, 256, 10])
+  parser.add_argument("--micro", type=int, default=256)
+  parser.add_argument("--tag", default="", help="suffix of the result files")
   parser.add_argument("--out", default="results")
   args = parser.parse_args()
   env = environment()
   print(env)
-  loss_fn, params, batch = problem()
-  k, micro = args.k, 64
+  k, micro = args.k, args.micro
+  loss_fn, params, batch = problem(n=k * micro, sizes=tuple(args.sizes))
+  d = sum(x.size for x in jax.tree.leaves(params))
   micro_batches = [jax.tree.map(lambda x, i=i: x[i * micro:(i + 1) * micro],
-                                batch) for i in range(256 // micro)]
+                                batch) for i in range(k)]
 
   def noisy():
     return optax.chain(anisonoise.hessian_noise(10, batch_size=32,
@@ -78,14 +83,16 @@ def main():
   rows = [{"transform": name, "ms_per_micro_step": 1e3 * t / (5 * k),
            "vs_sgd": t / base} for name, t in best.items()]
   table = "\n".join(
-      [f"k = {k}; per micro-step, fastest of {args.repeats} cycles of"
-       f" {5 * k} micro-steps", "",
+      [f"MLP {'-'.join(map(str, args.sizes))} (D = {d:,}), micro-batches of"
+       f" {micro}, k = {k}; per micro-step, fastest of {args.repeats} cycles"
+       f" of {5 * k} micro-steps (five real steps, one refresh)", "",
        "| transform | ms per micro-step | against MultiSteps(sgd) |",
        "|---|---|---|"]
       + [f"| `{r['transform']}` | {r['ms_per_micro_step']:.2f} |"
          f" {r['vs_sgd']:.2f}x |" for r in rows])
-  write_results(args.out, "multi_steps", {"environment": env, "k": k,
-                                          "rows": rows}, table)
+  write_results(args.out, f"multi_steps{args.tag}",
+                {"environment": env, "k": k, "sizes": args.sizes, "D": d,
+                 "micro": micro, "rows": rows}, table)
 
 
 if __name__ == "__main__":

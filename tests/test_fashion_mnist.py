@@ -370,7 +370,8 @@ def test_fashion_mnist_command_keeps_its_options(tmp_path):
       capture_output=True, text=True, timeout=120)
   assert r.returncode == 2
   assert "unknown preset 'cpu' for fashion_mnist" in r.stderr
-  assert "['paper', 'quick', 'long', 'long_authors', 'tiny']" in r.stderr
+  assert ("['paper', 'quick', 'long', 'long_authors', 'msgd_paper', 'msgd',"
+          " 'tiny']") in r.stderr
 
 
 def test_time_limit_stops_cleanly_and_the_next_call_goes_on(

@@ -183,8 +183,8 @@ PRESETS: dict[str, dict[str, Config]] = {
         "long": Config(**_FM_LONG),
         "long_authors": Config(num_clean_after=4800, **_FM_LONG),
         # Wu et al.'s Fig. 1(a) at their length (a GPU's run) and on a
-        # 2-core CPU: 1,000 steps, by which GD fits 98% of the 1,000 images
-        # (about 45 minutes a seed on one core).
+        # 2-core CPU: 1,000 steps, by which GD fits 96% of the 1,000 images
+        # (75-77 minutes a seed with three seeds sharing the two cores).
         "msgd_paper": Config(**_MSGD),
         "msgd": Config(**dict(_MSGD, steps=1000)),
         # Seconds: a smoke test of every code path (not a reproduction).

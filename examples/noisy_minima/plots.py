@@ -263,7 +263,8 @@ def plot_seeds(summaries: list[dict], names: list[str], path: str) -> None:
     finals.append((mean[-1], sem if np.isscalar(sem) else sem[-1], steps[-1]))
   gd = np.array([s["gd"][-1]["test_acc"] for s in summaries])
   start = _start(summaries[0])
-  for ax in axes:
+  # From the initialisation its accuracy is chance: no line on the bars.
+  for ax in axes if start == "theta_GD" else axes[:1]:
     ax.axhline(gd.mean(), color="k", ls="--", lw=0.8, label=start)
   axes[0].set(xscale="log", xlabel=f"iteration after {start}",
               ylabel="test accuracy")
@@ -276,8 +277,9 @@ def plot_seeds(summaries: list[dict], names: list[str], path: str) -> None:
                  fontsize=7)
   axes[1].set_xticks(range(len(names)), names, rotation=30, ha="right",
                      fontsize=8)
-  lo = min(m + [gd.mean()])
-  axes[1].set_ylim(max(0.0, lo - 0.05), min(1.0, max(m + [gd.mean()]) + 0.04))
+  ref = [gd.mean()] if start == "theta_GD" else []
+  lo = min(m + ref)
+  axes[1].set_ylim(max(0.0, lo - 0.05), min(1.0, max(m + ref) + 0.04))
   axes[1].set(ylabel="final test accuracy (steps run)")
   fig.suptitle(f"{_title(summaries[0])}: mean of {len(summaries)} seeds,"
                " +- one standard error")
