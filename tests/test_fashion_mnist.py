@@ -430,11 +430,12 @@ def test_long_runs_script_resumes_across_calls(tmp_path, data_dir):
 
 def test_msgd_preset_trains_from_initialisation_on_wu2020s_split(
     tmp_path_factory):
-  """Wu et al.'s Fig. 1(a) protocol at tiny size (three of its dynamics;
-  the M-SGD transforms are tested in test_family.py): the training images are
-  the test file's first, the test images the training file's, raw 0-255
-  pixels, every parameter N(0, 0.02^2), no GD phase (every dynamics starts
-  from the same initialisation), M-SGD rows from the library's table."""
+  """Wu et al.'s Fig. 1(a) protocol at tiny size (two of its dynamics;
+  the M-SGD transforms are tested in test_family.py, SGD's path in the
+  tiny run above): the training images are the test file's first, the
+  test images the training file's, raw 0-255 pixels, every parameter
+  N(0, 0.02^2), no GD phase (every dynamics starts from the same
+  initialisation), M-SGD rows from the library's table."""
   d = tmp_path_factory.mktemp("wu2020")
   train_images, train_labels = write_fake_split(d, "train", 30, seed=3)
   test_images, test_labels = write_fake_split(d, "test", 50, seed=4)
@@ -442,7 +443,7 @@ def test_msgd_preset_trains_from_initialisation_on_wu2020s_split(
       configs.PRESETS["fashion_mnist"]["msgd"], num_clean=20, num_test=30,
       steps=4, batch_size=5, estimation_size=10, early_steps=2,
       early_eval_every=2, eval_every=2, sharpness_every=4,
-      sharpness_samples=4, dynamics=("GD", "SGD", "MSGD-Cov-B"))
+      sharpness_samples=4, dynamics=("GD", "MSGD-Cov-B"))
   paper = configs.PRESETS["fashion_mnist"]["msgd_paper"]
   assert (paper.lr, paper.steps, paper.init, paper.pixels, paper.gd_steps,
           paper.num_clean, paper.num_corrupt) == (
