@@ -39,9 +39,9 @@ def _series(hist, key, offset=0):
           np.array([r[key] for r in rows]))
 
 
-def _start(summary: dict) -> str:
+def start_point(summary: dict) -> str:
   """Where the dynamics start: theta_GD, or the initialisation (no GD
-  phase, as Wu et al.'s Fig. 1(a))."""
+  phase, as Wu et al.'s Fig. 1(a)); the figures' and tables' word."""
   return "theta_GD" if summary["config"].get("gd_steps") else "initialisation"
 
 
@@ -108,7 +108,7 @@ def plot_early(summary: dict, path: str) -> None:
     for i, (name, hist) in enumerate(summary["dynamics"].items()):
       x, y = _series([r for r in hist if r["step"] <= early], key)
       ax.plot(x, y, ".-", color=f"C{i}", ms=3, lw=1.2, label=name)
-    ax.set(xlabel=f"iteration after {_start(summary)}", ylabel=label)
+    ax.set(xlabel=f"iteration after {start_point(summary)}", ylabel=label)
     if key in ("train_loss", "distance"):
       ax.set_yscale("log")
   axes[0].legend(fontsize=7)
@@ -262,7 +262,7 @@ def plot_seeds(summaries: list[dict], names: list[str], path: str) -> None:
     axes[0].fill_between(x, mean - sem, mean + sem, color=f"C{i}", alpha=0.2)
     finals.append((mean[-1], sem if np.isscalar(sem) else sem[-1], steps[-1]))
   gd = np.array([s["gd"][-1]["test_acc"] for s in summaries])
-  start = _start(summaries[0])
+  start = start_point(summaries[0])
   # From the initialisation its accuracy is chance: no line on the bars.
   for ax in axes if start == "theta_GD" else axes[:1]:
     ax.axhline(gd.mean(), color="k", ls="--", lw=0.8, label=start)

@@ -762,7 +762,7 @@ def markdown_table(summary: dict) -> str:
   """The final table of a study, in markdown."""
   cfg = summary["config"]
   corrupted = summary["data"]["num_corrupted"] > 0
-  start = "theta_GD" if cfg.get("gd_steps") else "initialisation"
+  start = plots.start_point(summary)
   rows = [f"{cfg['dataset']}, {summary['data']['num_train']} training"
           f" images: from {start} (lr {cfg['lr']}, m = {cfg['batch_size']},"
           f" seed {cfg['seed']}); {start}: test accuracy"
@@ -818,7 +818,7 @@ def seeds_table(summaries: list[dict]) -> str:
   gd = _mean_sem([s["gd"][-1]["test_acc"] for s in summaries])
   gd_sharp = _mean_sem([s["gd"][-1].get("sharpness", np.nan)
                         for s in summaries])
-  start = "theta_GD" if keys["gd_steps"] else "initialisation"
+  start = plots.start_point(summaries[0])
   corrupted = summaries[0]["data"]["num_corrupted"] > 0
   rows = [f"{keys['dataset']}, {summaries[0]['data']['num_train']} training"
           f" images, seeds {seeds}: mean +- standard error over seeds."
