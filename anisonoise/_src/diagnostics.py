@@ -571,9 +571,11 @@ def hessian_spectrum(
   diagnostic usually is), each Krylov step is one compiled program that
   takes the linearisation's residuals as arguments, run from a Python loop:
   no product runs inside an XLA loop, where XLA:CPU runs convolutions
-  several times slower, and the step compiles once per call. Under
-  ``jax.jit`` the steps run in a ``lax.fori_loop``; both give the same
-  numbers. ``benchmarks/peers.py`` times both against PyHessian.
+  several times slower; the step compiles once per ``loss_fn``, and a
+  later call with the same ``loss_fn`` reuses it. Under ``jax.jit`` the
+  steps run in a ``lax.fori_loop``; both give the same numbers. The
+  products are staged (see :func:`anisonoise.hessian_operator`).
+  ``benchmarks/peers.py`` times both against PyHessian.
 
   Args:
     loss_fn: ``loss_fn(params, batch) -> (n,)`` per-example losses.
