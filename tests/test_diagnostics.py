@@ -186,41 +186,62 @@ def test_hessian_spectrum_matches_eigh():
                                   key=jax.random.key(0), num_iters=d)
   np.testing.assert_allclose(np.asarray(s.eigenvalues),
                              np.linalg.eigvalsh(h)[::-1][:5], rtol=1e-6)
-  # The default: a Krylov basis of 2k + 20 = 30 vectors, restarted until
-  # every residual is at most 1e-3 lambda_1.
+  # The default: a Krylov basis of 2k + 20 = 30 vectors, stopped at the
+  # first check (every 4 products) where every residual is at most 1e-3
+  # max |lambda|, restarted if none is.
   s = anisonoise.hessian_spectrum(loss_fn, params, batch, num_eigs=5,
                                   key=jax.random.key(0))
   ref = np.linalg.eigvalsh(h)[::-1][:5]
-  assert bool(s.converged) and int(s.num_matvecs) >= 30
+  used = int(s.num_matvecs)
+  assert bool(s.converged) and 5 <= used and used % 4 == 0 or used == 30
+  assert np.max(np.asarray(s.residual_norms)) <= 1e-3 * ref[0]
+  # The same basis run whole: more products for the same criterion.
+  whole = anisonoise.hessian_spectrum(loss_fn, params, batch, num_eigs=5,
+                                      key=jax.random.key(0), num_iters=30)
+  assert int(whole.num_matvecs) >= 30 > used
   assert np.max(np.abs(np.asarray(s.eigenvalues) - ref)) <= 1e-3 * ref[0]
 
 
-def test_eager_spectrum_loops_over_one_compiled_step_as_jit_computes():
-  """Called eagerly, the Krylov recursion is a Python loop over one jitted
-  step that takes the operator's data (the linearisation's residuals) as
-  arguments: the compiled step holds no loop around its product (XLA:CPU
-  runs convolutions several times slower inside one) and no data as
-  constants. The jitted call computes the same numbers."""
+def test_eager_spectrum_loops_over_compiled_chunks_as_jit_computes():
+  """Called eagerly, the Krylov recursion is a Python loop over jitted
+  chunks of steps that take the operator's data (the staged
+  linearisation's) as arguments: a compiled chunk holds no loop around its
+  products (XLA:CPU runs convolutions several times slower inside one) and
+  no data as constants. The jitted call computes the same numbers and
+  stops at the same convergence check."""
   from anisonoise._src import curvature
 
   loss_fn, params, batch = mlp_problem()
   call = lambda p, b: anisonoise.hessian_spectrum(  # noqa: E731
       loss_fn, p, b, num_eigs=5, key=0)
   eager = call(params, batch)
-  # One compiled step for the whole solve; a second call's operator
-  # replaces the first's (one executable kept, not one per call).
-  assert curvature._jit_krylov_step._cache_size() == 1
+  # Compiled chunks of steps for the whole solve (30 steps: chunks of 4
+  # and one of 2); a second call on the same loss reuses them.
+  compiled = curvature._jit_krylov_chunk._cache_size()
+  assert 1 <= compiled <= 2
+  held = curvature._last_eager_operator[0]
   call(params, batch)
-  assert curvature._jit_krylov_step._cache_size() == 1
+  # Not cleared and compiled again: the same programs serve.
+  assert curvature._last_eager_operator[0] is held
+  assert curvature._jit_krylov_chunk._cache_size() == compiled
+  # Another loss_fn's operator replaces the first's programs (not one
+  # set of executables per loss kept).
+  anisonoise.hessian_spectrum(lambda p, b: loss_fn(p, b), params, batch,
+                              num_eigs=5, key=0)
+  assert curvature._jit_krylov_chunk._cache_size() == compiled
   jitted = jax.jit(call)(params, batch)
-  assert int(eager.num_matvecs) == int(jitted.num_matvecs) >= 30
+  assert int(eager.num_matvecs) == int(jitted.num_matvecs) >= 8
+  assert bool(eager.converged) and bool(jitted.converged)
   np.testing.assert_allclose(eager.eigenvalues, jitted.eigenvalues,
                              rtol=1e-10)
   mv, dtype, _ = curvature.flat_operator(
       anisonoise.hessian_operator(loss_fn, params, batch), params)
   d = ravel_pytree(params)[0].size
-  krylov = curvature.Krylov(jnp.zeros((4, d), dtype), jnp.zeros((4, 3), dtype))
-  hlo = curvature._jit_krylov_step.lower(mv, 0, krylov).compile().as_text()
+  c = curvature.CHUNK
+  krylov = curvature.Krylov(jnp.zeros((c + 1, d), dtype),
+                            jnp.zeros((c + 1, c), dtype))
+  hlo = curvature._jit_krylov_chunk.lower(mv, 0, krylov,
+                                         curvature.CHUNK).compile().as_text()
   assert "while" not in hlo
   # No data folded in: every constant is smaller than the batch (n = 30)
   # and the residuals; they come in as arguments.

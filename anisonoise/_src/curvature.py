@@ -34,6 +34,7 @@ two paths run the same arithmetic. The returned residual norms
 from __future__ import annotations
 
 import functools
+import math
 import warnings
 from typing import Callable, NamedTuple
 
@@ -310,11 +311,70 @@ def _krylov_step(mv, j, krylov: Krylov) -> Krylov:
 
 def _extend(mv, krylov: Krylov, start: int, stop: int, unroll: bool):
   """Krylov steps ``start .. stop - 1``: see :func:`_steps`."""
-  return _steps(_krylov_step, _jit_krylov_step, mv, start, stop, krylov,
+  return _steps(_krylov_step, _jit_krylov_chunk, mv, start, stop, krylov,
                 unroll)
 
 
-_jit_krylov_step = jax.jit(_krylov_step)
+# The Krylov steps one compiled program of an eager solve runs (unrolled),
+# and the steps between two convergence checks of a solve with a ``tol``.
+# On LeNet written with ``lax.conv`` (1,200 images, 2-core CPU, staged
+# products), 8 products took 0.158 s each as 8 programs, 0.149 s as 4
+# programs of 2 and 0.133 s as 2 of 4 (0.135 s in one ``fori_loop``).
+CHUNK = 4
+
+
+def _chunk(step, mv, j, carry, n: int):
+  for i in range(n):
+    carry = step(mv, j + i, carry)
+  return carry
+
+
+_jit_krylov_chunk = jax.jit(functools.partial(_chunk, _krylov_step),
+                            static_argnums=3)
+
+
+def _extend_checked(mv, krylov: Krylov, start: int, stop: int, k: int,
+                    tol, unroll: bool, early_stop: bool = True):
+  """Krylov steps ``start .. stop - 1`` that stop at the first check (every
+  :data:`CHUNK` steps, once ``k`` Ritz pairs exist) where the top ``k``
+  pairs meet ``tol``: the same criterion as at the end of a cycle, so a
+  solve stops at the first multiple of :data:`CHUNK` products where it
+  holds (on the plain-conv LeNet of ``benchmarks/peers.py``, 48 products
+  instead of 60). Returns the basis, its Ritz pairs and where it stopped.
+  Eagerly a Python loop; under a trace a ``lax.while_loop`` over
+  ``fori_loop`` segments, checked alike; with ``unroll`` under a trace
+  (no loop to leave), the whole range."""
+  points = list(range(start + CHUNK, stop, CHUNK)) + [stop]
+  if (tol is None or not early_stop
+      or (unroll and not _is_concrete(krylov.projected))):
+    krylov = _extend(mv, krylov, start, stop, unroll)
+    return krylov, _ritz_at(krylov, stop), jnp.asarray(stop, jnp.int32)
+  if _is_concrete(krylov.projected):
+    prev = start
+    for j in points:
+      krylov = _extend(mv, krylov, prev, j, unroll)
+      ritz = _ritz_at(krylov, j)
+      if j == stop or (j >= k and bool(_converged(ritz, k, tol))):
+        return krylov, ritz, jnp.asarray(j, jnp.int32)
+      prev = j
+  ends = jnp.asarray(points, jnp.int32)
+
+  def more(carry):
+    krylov, i, done = carry
+    return (i < len(points)) & ~done
+
+  def segment(carry):
+    krylov, i, _ = carry
+    lo = jnp.where(i == 0, start, ends[jnp.maximum(i - 1, 0)])
+    krylov = jax.lax.fori_loop(lo, ends[i],
+                               lambda j, c: _krylov_step(mv, j, c), krylov)
+    done = (ends[i] >= k) & _converged(_ritz_at(krylov, ends[i]), k, tol)
+    return krylov, i + 1, done
+
+  krylov, i, _ = jax.lax.while_loop(
+      more, segment, (krylov, jnp.asarray(0, jnp.int32), jnp.asarray(False)))
+  end = ends[i - 1]
+  return krylov, _ritz_at(krylov, end), end
 
 
 def _eager_operator(mv, carry) -> bool:
@@ -342,17 +402,18 @@ def _hold_one_operator(mv) -> None:
   call."""
   tree = jax.tree.structure(mv)
   if _last_eager_operator != [tree]:
-    for fn in (_jit_krylov_step, _jit_grow_step, _jit_apply):
+    for fn in (_jit_krylov_chunk, _jit_grow_chunk, _jit_apply):
       fn.clear_cache()
     _last_eager_operator[:] = [tree]
 
 
-def _steps(step, jitted_step, mv, start: int, stop: int, carry,
+def _steps(step, jitted_chunk, mv, start: int, stop: int, carry,
            unroll: bool):
   """``carry = step(mv, j, carry)`` for ``j = start .. stop - 1``.
 
-  Called eagerly on a pytree operator, a Python loop over one jitted step
-  that takes the operator's data as arguments: its products run outside
+  Called eagerly on a pytree operator, a Python loop over one jitted
+  program of :data:`CHUNK` steps (unrolled; ``jitted_chunk``) that takes
+  the operator's data as arguments: its products run outside
   any XLA loop (convolutions run several times slower inside XLA:CPU
   loops) and nothing is folded into the program as a constant. On the
   paper's LeNet written with ``lax.conv`` (1,200 images, 2-core CPU, top
@@ -366,8 +427,11 @@ def _steps(step, jitted_step, mv, start: int, stop: int, carry,
   """
   if _eager_operator(mv, carry):
     _hold_one_operator(mv)
-    for j in range(start, stop):
-      carry = jitted_step(mv, j, carry)
+    j = start
+    while j < stop:
+      n = min(CHUNK, stop - j)
+      carry = jitted_chunk(mv, j, carry, n)
+      j += n
     return carry
   if unroll:
     for j in range(start, stop):
@@ -400,15 +464,35 @@ def _flat_apply(unravel, in_dtype, dtype, matvec, x):
   return ravel_pytree(matvec(unravel(x.astype(in_dtype))))[0].astype(dtype)
 
 
+@functools.lru_cache(maxsize=64)
+def _flat_apply_for(treedef, leaves, in_dtype, dtype):
+  """The flat map's function for parameters of one structure, the same
+  object from call to call (so that the operator's structure, and the
+  compiled steps of an eager solve keyed on it, are too)."""
+  sizes = [math.prod(shape) for shape, _ in leaves]
+  cuts = np.cumsum(sizes)[:-1].tolist()
+
+  def unravel(x):
+    parts = jnp.split(x, cuts) if cuts else [x]
+    return jax.tree.unflatten(treedef, [
+        part.reshape(shape).astype(leaf_dtype)
+        for part, (shape, leaf_dtype) in zip(parts, leaves)])
+
+  return functools.partial(_flat_apply, unravel, in_dtype, dtype)
+
+
 def flat_operator(matvec: Matvec, like: Params):
   """``matvec`` on raveled vectors in :func:`solve_dtype`: returns the flat
   map (each leaf cast to ``like``'s dtype before the product; a
   ``jax.tree_util.Partial`` with ``matvec``'s leaves when ``matvec`` is
   one), that dtype and the ``unravel`` of a solve's vectors (leaves in
   that dtype)."""
-  flat, unravel = ravel_pytree(like)
-  dtype = solve_dtype(flat.dtype)
-  apply = functools.partial(_flat_apply, unravel, flat.dtype, dtype)
+  leaves, treedef = jax.tree.flatten(like)
+  in_dtype = (jnp.result_type(*leaves) if leaves else jnp.float32)
+  dtype = solve_dtype(in_dtype)
+  apply = _flat_apply_for(treedef, tuple(
+      (tuple(jnp.shape(x)), jnp.result_type(x)) for x in leaves),
+      jnp.dtype(in_dtype), jnp.dtype(dtype))
   if isinstance(matvec, jax.tree_util.Partial):
     mv = jax.tree_util.Partial(apply, matvec)
   else:
@@ -422,6 +506,25 @@ class _Ritz(NamedTuple):
   values: jax.Array     # (m,) descending
   vectors: jax.Array    # (m, m) columns in the basis's coordinates
   residuals: jax.Array  # (m,) ||A u_j - theta_j u_j||
+
+
+def _ritz_at(krylov: Krylov, j) -> _Ritz:
+  """The Ritz pairs of the first ``j`` basis vectors (``j`` may be traced;
+  ``j = m`` gives :func:`_ritz`'s): ``T_j`` is padded to ``m x m`` with a
+  value below its spectrum, and the ``m - j`` padding pairs get ``T_j``'s
+  smallest Ritz value and a zero residual, so that they change neither
+  the top pairs, nor the scale, nor the convergence test. The residual of
+  a Ritz vector ``y`` of ``T_j`` is ``|P[j, :j] y|`` (``A Q_j y`` outside
+  ``Q_j``)."""
+  m = krylov.projected.shape[1]
+  live = jnp.arange(m) < j
+  t = jnp.where(live[:, None] & live[None, :], krylov.matrix(), 0.0)
+  below = 1.0 + 2.0 * m * jnp.max(jnp.abs(t))
+  evals, evecs = jnp.linalg.eigh(t - jnp.diag(jnp.where(live, 0.0, below)))
+  evals, evecs = evals[::-1], evecs[:, ::-1]
+  evals = jnp.where(live, evals, evals[jnp.maximum(j - 1, 0)])
+  row = jnp.where(live, krylov.projected[j], 0.0)
+  return _Ritz(evals, evecs, jnp.where(live, jnp.abs(row @ evecs), 0.0))
 
 
 def _ritz(krylov: Krylov) -> _Ritz:
@@ -557,7 +660,7 @@ def _grow(mv, pairs: _Recycled, key: jax.Array, num_iters: int,
     start = jnp.where(jnp.linalg.norm(start) > 0, start, rand)
   basis = basis.at[b].set(_orthogonalise(basis, start))
 
-  carry = _steps(_grow_step, _jit_grow_step, mv, b, num_iters,
+  carry = _steps(_grow_step, _jit_grow_chunk, mv, b, num_iters,
                  (basis, images), unroll)
   return carry[0][:num_iters], carry[1]
 
@@ -573,7 +676,8 @@ def _grow_step(mv, j, carry):
   return basis, images
 
 
-_jit_grow_step = jax.jit(_grow_step)
+_jit_grow_chunk = jax.jit(functools.partial(_chunk, _grow_step),
+                          static_argnums=3)
 
 
 def settled_directions(b: int) -> int:
@@ -616,6 +720,7 @@ def top_eigenpairs(
     init_vector: Params | None = None,
     init_subspace: Params | None = None,
     unroll: bool | None = None,
+    early_stop: bool | None = None,
 ) -> EigenResult:
   """Top-k (largest algebraic) eigenpairs of a symmetric linear operator.
 
@@ -678,6 +783,13 @@ def top_eigenpairs(
       whose products run slower inside XLA:CPU loops). Restarts run in a
       ``lax.while_loop`` under ``jit`` and in a Python loop when called
       eagerly.
+    early_stop: with a ``tol``, stop each cycle at the first check (every
+      4 products) where the top ``k`` pairs meet it, rather than at the
+      cycle's end (the same criterion, met with fewer products; on the
+      plain-conv LeNet of ``benchmarks/peers.py``, 48 products instead of
+      60). ``None``: only with the default ``num_iters`` (a given
+      ``num_iters`` runs its first cycle whole). Not with ``unroll`` under
+      a trace, and not for ``init_subspace``.
 
   Returns:
     An :class:`EigenResult`.
@@ -708,6 +820,8 @@ def top_eigenpairs(
         f"k={k} eigenpairs asked of an operator on {dim} parameters; k must"
         f" be at most {dim}."
     )
+  if early_stop is None:
+    early_stop = num_iters is None
   if num_iters is None:
     num_iters = default_num_iters(k, dim)
   if not isinstance(num_iters, int) or not k <= num_iters <= dim:
@@ -736,10 +850,12 @@ def top_eigenpairs(
   else:
     v0 = ravel_pytree(init_vector)[0].astype(dtype)
 
-  krylov = build_krylov(mv, v0, num_iters, unroll)
-  ritz = _ritz(krylov)
+  basis = jnp.zeros((num_iters + 1, dim), dtype)
+  basis = basis.at[0].set(v0 / jnp.linalg.norm(v0))
+  krylov = Krylov(basis, jnp.zeros((num_iters + 1, num_iters), dtype))
+  krylov, ritz, used = _extend_checked(mv, krylov, 0, num_iters, k, tol,
+                                       unroll, early_stop)
   check = 1e-3 if tol is None else tol
-  used = jnp.asarray(num_iters, jnp.int32)
   # Keep k plus half of the rest (at least one new direction per cycle):
   # more kept vectors converge the k-th pair faster per product.
   keep = min(num_iters - 1, k + (num_iters - k) // 2)
@@ -752,9 +868,10 @@ def top_eigenpairs(
 
     def cycle(carry):
       krylov, ritz, used = carry
-      krylov = _extend(mv, _thick_restart(krylov, ritz, keep), keep,
-                       num_iters, unroll)
-      return krylov, _ritz(krylov), used + per_cycle
+      krylov, ritz, end = _extend_checked(
+          mv, _thick_restart(krylov, ritz, keep), keep, num_iters, k, tol,
+          unroll, early_stop)
+      return krylov, ritz, used + end - keep
 
     krylov, ritz, used = _restarts(more, cycle, (krylov, ritz, used),
                                    _is_concrete(krylov.projected))

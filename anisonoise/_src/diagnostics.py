@@ -583,7 +583,11 @@ def hessian_spectrum(
     batch: the estimation batch, or an :class:`anisonoise.Batches` stream.
     num_eigs: how many eigenvalues (largest algebraic first).
     key: int seed or PRNG key for the start vector.
-    num_iters: Krylov basis size (products of the first cycle).
+    num_iters: Krylov basis size (products of the first cycle). By
+      default ``min(D, 2 num_eigs + 20)``, and the solve stops at the
+      first check (every 4 products) where ``tol`` holds; a given
+      ``num_iters`` runs its first cycle whole (see ``early_stop`` in
+      :func:`anisonoise.top_eigenpairs`).
     tol: residual tolerance relative to the largest ``|lambda_j|``;
       ``None``: one cycle.
     max_matvecs: budget of Hessian products (default ``10 num_iters``);
@@ -606,6 +610,7 @@ def hessian_spectrum(
     [3.0, 1.3333]
   """
   d = batching.num_params(params)
+  early_stop = num_iters is None
   if num_iters is None:
     num_iters = min(d, 2 * num_eigs + 20)
   if unroll is None or isinstance(batch, sums.Batches):
@@ -614,7 +619,7 @@ def hessian_spectrum(
       curvature.hessian_operator(loss_fn, params, batch,
                                  chunk_size=chunk_size), params, num_eigs,
       key=estimators.canonical_key(key), num_iters=num_iters, tol=tol,
-      max_matvecs=max_matvecs, unroll=unroll)
+      max_matvecs=max_matvecs, unroll=unroll, early_stop=early_stop)
   return HessianSpectrum(res.eigenvalues, res.residual_norms,
                          res.num_matvecs, res.converged)
 
