@@ -563,19 +563,22 @@ def hessian_spectrum(
 
   Thick-restart Lanczos (:func:`anisonoise.top_eigenpairs`) on
   Hessian-vector products (from one linearisation, or chunk by chunk with
-  ``chunk_size``), restarted until every residual is at most ``tol``
-  times the largest ``|lambda_j|`` found: each eigenvalue is then within
-  that of one of the Hessian's. The Krylov basis holds ``num_iters``
-  vectors (default ``min(D, 2 num_eigs + 20)``); the solve runs in float32
-  at least, so bfloat16 models work. Called eagerly (as an offline
-  diagnostic usually is), each Krylov step is one compiled program that
-  takes the linearisation's residuals as arguments, run from a Python loop:
-  no product runs inside an XLA loop, where XLA:CPU runs convolutions
-  several times slower; the step compiles once per ``loss_fn``, and a
-  later call with the same ``loss_fn`` reuses it. Under ``jax.jit`` the
-  steps run in a ``lax.fori_loop``; both give the same numbers. The
-  products are staged (see :func:`anisonoise.hessian_operator`).
-  ``benchmarks/peers.py`` times both against PyHessian.
+  ``chunk_size``), restarted until every
+  residual is at most ``tol`` times the largest ``|lambda_j|`` found: each
+  eigenvalue is then within that of one of the Hessian's. The Krylov basis
+  holds ``num_iters`` vectors (default ``min(D, 2 num_eigs + 20)``); the
+  solve runs in float32 at least, so bfloat16 models work. Called eagerly
+  (as an offline diagnostic usually is), the Krylov steps run as compiled
+  chunks of 4 that take the operator's data as arguments, from a Python
+  loop: no product runs inside an XLA loop, where XLA:CPU runs some
+  convolutions several times slower; the chunks compile once per
+  ``loss_fn``, and a later call with the same ``loss_fn`` reuses them.
+  Under ``jax.jit`` the steps run in ``lax`` loops; both give the same
+  numbers. The products are staged (see
+  :func:`anisonoise.hessian_operator`). ``benchmarks/peers.py`` times both
+  against PyHessian: on LeNet written with ``lax.conv`` and ``max_pool``
+  (1,200 images, 2-core CPU) the top 20 took 60 products, 0.13 s each,
+  eager or jitted, about 6 times faster than PyHessian.
 
   Args:
     loss_fn: ``loss_fn(params, batch) -> (n,)`` per-example losses.
@@ -583,11 +586,7 @@ def hessian_spectrum(
     batch: the estimation batch, or an :class:`anisonoise.Batches` stream.
     num_eigs: how many eigenvalues (largest algebraic first).
     key: int seed or PRNG key for the start vector.
-    num_iters: Krylov basis size (products of the first cycle). By
-      default ``min(D, 2 num_eigs + 20)``, and the solve stops at the
-      first check (every 4 products) where ``tol`` holds; a given
-      ``num_iters`` runs its first cycle whole (see ``early_stop`` in
-      :func:`anisonoise.top_eigenpairs`).
+    num_iters: Krylov basis size (products of the first cycle).
     tol: residual tolerance relative to the largest ``|lambda_j|``;
       ``None``: one cycle.
     max_matvecs: budget of Hessian products (default ``10 num_iters``);
@@ -610,7 +609,6 @@ def hessian_spectrum(
     [3.0, 1.3333]
   """
   d = batching.num_params(params)
-  early_stop = num_iters is None
   if num_iters is None:
     num_iters = min(d, 2 * num_eigs + 20)
   if unroll is None or isinstance(batch, sums.Batches):
@@ -619,7 +617,7 @@ def hessian_spectrum(
       curvature.hessian_operator(loss_fn, params, batch,
                                  chunk_size=chunk_size), params, num_eigs,
       key=estimators.canonical_key(key), num_iters=num_iters, tol=tol,
-      max_matvecs=max_matvecs, unroll=unroll, early_stop=early_stop)
+      max_matvecs=max_matvecs, unroll=unroll)
   return HessianSpectrum(res.eigenvalues, res.residual_norms,
                          res.num_matvecs, res.converged)
 

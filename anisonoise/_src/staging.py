@@ -2,30 +2,35 @@
 
 ``jax.linearize`` of the gradient leaves, in every Hessian-vector product,
 operations whose one operand is fixed data (an activation, a pooling
-layer's input), and XLA:CPU runs two of their kinds slowly:
+layer's input, a kernel), and XLA:CPU runs three of their kinds slowly:
 
 * weight-gradient convolutions (the kernel is an image-sized activation,
-  the output a filter), which it computes several times slower than the
-  same contraction written as one matrix product;
+  the output a filter): LeNet's two took 184 and 62 ms as convolutions, 52
+  and 49 ms as one matrix product per filter position, and inside an XLA
+  loop (a jitted solve's) 774 and 555 ms;
 * the max-pooling gradients ``select_and_scatter_add`` and
   ``select_and_gather_add``, which re-derive each window's maximum from the
-  pooling layer's input at every product.
+  pooling layer's input at every product (about 40 ms each on LeNet);
+* convolutions whose kernel is not in ``HWIO`` order (the input gradient's
+  is ``HWOI``): 56 ms inside a loop against 15 ms on the transposed
+  kernel.
 
-:func:`staged` rewrites the product's program once per operator: the
-patches of the fixed operand of each such convolution are extracted once
-(``lhs`` patches against which the product is a ``dot_general``), each
-non-overlapping max-pool's window maxima become a boolean mask (the product
-is then a masked broadcast or sum), and every operation on fixed data alone
-is evaluated once (but for one that grows it, a broadcast, which each
-product computes again where XLA fuses it, so that nothing larger than the
-data is held). Measured on the paper's LeNet written with ``lax.conv``
-and ``max_pool`` (1,200 images, after 500 GD steps, 2-core x86-64 CPU, jax
-0.10.2): a product from ``jax.linearize`` 0.38-0.47 s, staged 0.16-0.17 s
-(rel. difference 3e-8); the weight-gradient convolutions of its two
-layers took 184 and 62 ms each as convolutions. The patches are kept only
-on a CPU and within :data:`PATCH_BUDGET` times the bytes the linearisation
-holds (146 MB of patches and masks against its 66 MB there); other
-backends get the hoisting of data-only operations alone.
+:func:`staged` rewrites the product's program once per operator, on a CPU:
+a weight-gradient convolution on a fixed image becomes one ``dot_general``
+against that image's patches, extracted once; one on a product's own
+activations, a ``dot_general`` per filter position on slices (no memory
+kept); each non-overlapping max-pool's window maxima become a boolean mask
+(the product is then a masked broadcast or sum); kernels are put in
+``HWIO`` order. On every backend, each operation on fixed data alone is
+evaluated once (but for one that grows it, a broadcast, which each product
+computes again where XLA fuses it, so that nothing larger than the data is
+held). Measured on the paper's LeNet written with ``lax.conv`` and
+``max_pool`` (1,200 images, after 500 GD steps, 2-core x86-64 CPU, jax
+0.10.2): a product from ``jax.linearize`` 0.38-0.47 s, staged 0.15 s from
+a Python loop and 0.13 s in a ``fori_loop`` (0.72 s there unstaged), to a
+relative difference of 3e-8. Patches and masks are held within
+:data:`PATCH_BUDGET` times the bytes the linearisation holds (146 MB
+against its 66 MB there).
 
 Written here because neither JAX nor XLA offers it: it is a rewrite of the
 product's jaxpr, evaluated with each equation's own primitive, so that
@@ -334,8 +339,8 @@ def staged(linear_fn: Callable, like: Any, *, patches: bool | None = None
   Args:
     linear_fn: a linear map, e.g. the product ``jax.linearize`` returns.
     like: a pytree with its input's structure, shapes and dtypes.
-    patches: rewrite weight-gradient convolutions and max-pool gradients
-      (``None``: on a CPU).
+    patches: rewrite weight-gradient convolutions, max-pool gradients and
+      kernels' order (``None``: on a CPU, where they pay).
 
   Returns:
     ``(operator, info)``: ``info`` counts the rewrites and the bytes held.
@@ -389,8 +394,9 @@ def staged(linear_fn: Callable, like: Any, *, patches: bool | None = None
         used += size
         rewrites[len(left)] = (name, len(extra), plan)
         extra.append(_window_mask(read(eqn.invars[1]), plan))
-    if (name == "conv_general_dilated" and len(left) not in rewrites
-        and not fixed(eqn.invars[0]) and _is_weight_gradient(eqn)):
+    if (patches and name == "conv_general_dilated"
+        and len(left) not in rewrites and not fixed(eqn.invars[0])
+        and _is_weight_gradient(eqn)):
       plan = _conv_plan(eqn)
       if plan and np.prod(plan["out"]) <= MAX_SHIFTS:
         rewrites[len(left)] = ("shifts", None, plan)
