@@ -445,10 +445,15 @@ def build_krylov(mv: Callable[[jax.Array], jax.Array], v0: jax.Array,
   """``num_iters`` Lanczos steps with full reorthogonalisation from ``v0``
   on a flat matvec: the one Krylov recursion behind :func:`top_eigenpairs`
   and stochastic Lanczos quadrature."""
+  return _extend(mv, _start_krylov(v0, num_iters), 0, num_iters, unroll)
+
+
+def _start_krylov(v0: jax.Array, num_iters: int) -> Krylov:
+  """An empty basis of ``num_iters`` steps whose first row is ``v0``
+  normalised."""
   basis = jnp.zeros((num_iters + 1, v0.size), v0.dtype)
   basis = basis.at[0].set(v0 / jnp.linalg.norm(v0))
-  projected = jnp.zeros((num_iters + 1, num_iters), v0.dtype)
-  return _extend(mv, Krylov(basis, projected), 0, num_iters, unroll)
+  return Krylov(basis, jnp.zeros((num_iters + 1, num_iters), v0.dtype))
 
 
 def solve_dtype(dtype) -> jnp.dtype:
@@ -850,11 +855,8 @@ def top_eigenpairs(
   else:
     v0 = ravel_pytree(init_vector)[0].astype(dtype)
 
-  basis = jnp.zeros((num_iters + 1, dim), dtype)
-  basis = basis.at[0].set(v0 / jnp.linalg.norm(v0))
-  krylov = Krylov(basis, jnp.zeros((num_iters + 1, num_iters), dtype))
-  krylov, ritz, used = _extend_checked(mv, krylov, 0, num_iters, k, tol,
-                                       unroll, early_stop)
+  krylov, ritz, used = _extend_checked(mv, _start_krylov(v0, num_iters), 0,
+                                       num_iters, k, tol, unroll, early_stop)
   check = 1e-3 if tol is None else tol
   # Keep k plus half of the rest (at least one new direction per cycle):
   # more kept vectors converge the k-th pair faster per product.

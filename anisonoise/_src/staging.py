@@ -70,6 +70,11 @@ def _nbytes(atoms) -> int:
              for a in atoms)
 
 
+def _array_bytes(arrays) -> int:
+  return sum(int(np.prod(jnp.shape(x))) * jnp.result_type(x).itemsize
+             for x in arrays)
+
+
 def _bind(eqn, values):
   params = eqn.primitive.get_bind_params(eqn.params)
   out = eqn.primitive.bind(*values, **params)
@@ -354,9 +359,7 @@ def staged(linear_fn: Callable, like: Any, *, patches: bool | None = None
   eqns, outs, inner = _inline(closed)
   env = dict(zip(closed.jaxpr.constvars, closed.consts))
   env.update(inner)
-  held_bytes = sum(np.prod(jnp.shape(x)) * jnp.result_type(x).itemsize
-                   for x in closed.consts)
-  budget = PATCH_BUDGET * held_bytes if patches else 0
+  budget = PATCH_BUDGET * _array_bytes(closed.consts) if patches else 0
 
   def fixed(a):
     return not _is_var(a) or a in env
@@ -424,9 +427,7 @@ def staged(linear_fn: Callable, like: Any, *, patches: bool | None = None
                      jax.tree.structure(like))
   values = [env[a] for a in held] + extra
   info = {"rewrites": len(rewrites), "patch_bytes": int(used),
-          "held_bytes": int(sum(np.prod(jnp.shape(x))
-                                * jnp.result_type(x).itemsize
-                                for x in values))}
+          "held_bytes": _array_bytes(values)}
   return jax.tree_util.Partial(functools.partial(_run, program), values), info
 
 
