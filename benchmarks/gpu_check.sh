@@ -11,8 +11,12 @@
 # dynamics at refresh 10, top-20 Hessian eigenpairs with residuals, the same
 # step on all local devices through the mesh path, peak device memory
 # against chunk_size), memory.json (the diagnostics on an MLP with
-# D = 2,035,210 and n = 4,096 against chunk_size), a .md table beside
-# each, and fmnist_msgd_paper/ (the M-SGD study's full-length preset, where
+# D = 2,035,210 and n = 4,096 against chunk_size), block_products.json
+# (a block of 20 Hessian products one at a time, lax.map'd and vmap'd, on
+# LeNet, the MLP and VGG11 at n = 500), trajectory_lenet.json (100
+# consecutive steps of hessian_noise's defaults and the recommended calls
+# from initialisation: cost per step and products per refresh), a .md
+# table beside each, and fmnist_msgd_paper/ (the M-SGD study's full-length preset, where
 # the data are on the host). Each step has its own time limit, so that one slow step cannot take
 # the others with it; a step that fails leaves a note in OUT_DIR/failed.txt.
 set -uo pipefail
@@ -42,12 +46,16 @@ step 75 step_cost_lenet python step_cost.py --model lenet --repeats 3 \
 step 300 scale python scale.py --n 5000 --chunk-size 250 --repeats 2 \
   --mesh --memory-chunks 1000 250 --out "$out"
 step 75 memory python memory.py --n 4096 --chunks 64 none --out "$out"
+step 60 block_products python block_products.py --problems lenet mlp --vgg \
+  --repeats 3 --out "$out"
+step 90 trajectory_lenet python trajectory.py --problem lenet --start init \
+  --out "$out"
 # Wu et al.'s Fig. 1(a) at their length (10,001 steps per dynamics), where
 # the Fashion-MNIST files are on the host ($ANISONOISE_FASHION_MNIST_DIR or
 # Debian's package); resumable, so a second call goes on.
 if python -c "from anisonoise import data; data.load_fashion_mnist('test')" \
     >/dev/null 2>&1; then
-  step 240 fmnist_msgd_paper python ../examples/noisy_minima/main.py \
+  step 90 fmnist_msgd_paper python ../examples/noisy_minima/main.py \
     --dataset fashion_mnist --preset msgd_paper --out "$out/fmnist_msgd_paper"
 else
   echo "fmnist_msgd_paper: no Fashion-MNIST files on this host" \

@@ -87,3 +87,20 @@ def test_readme_training_loop_runs(tmp_path):
                         text=True, check=False)
   assert proc.returncode == 0, proc.stderr[-4000:]
   assert "loss after 100 steps" in proc.stdout
+
+
+def test_readme_cost_table_is_the_committed_measurement():
+  """The README's table of the low-rank noises' cost along a run is the
+  one ``benchmarks/trajectory.py`` builds from its committed JSON (the
+  home page and the guide include it at build time), so the front page
+  cannot drift from the measurement."""
+  sys.path.insert(0, os.path.join(DOCS, "..", "benchmarks"))
+  import trajectory  # pylint: disable=import-outside-toplevel
+
+  table = trajectory.cost_table()
+  assert table.count("\n") >= 5 and "| - | - | - | - | - |" not in table
+  with open(os.path.join(DOCS, "..", "README.md")) as f:
+    readme = f.read()
+  assert table in readme, (
+      "README.md's cost table differs from benchmarks/trajectory.py's"
+      f" cost_table(); paste:\n{table}")

@@ -163,7 +163,7 @@ def test_inject_hyperparams_changes_numeric_settings_at_run_time():
   tx = optax.inject_hyperparams(
       anisonoise.hessian_noise,
       static_args=("k", "num_iters", "refresh_every", "num_probes", "key"))(
-          k=1, num_iters=2, trace=0.5, tol=1e-2)
+          k=1, num_iters=2, trace=0.5, tol=1e-2, refresh_every=1)
   step = _injected_step(tx, loss_fn, params, batch)
   state = tx.init(params)
   _, state = step(state)

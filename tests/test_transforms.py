@@ -292,19 +292,21 @@ def _flat_spectrum_mlp():
   return loss_fn, params, batch
 
 
-def test_settled_refreshes_cost_one_and_a_half_k_plus_4_products():
-  """Refreshed at the same parameters, the warm solves converge; once the
-  cached vectors meet tol (default 1e-2) a refresh costs k + 4 products
-  plus a guard of (k + 4) // 2, at most num_iters (20 for k = 10, where
-  the first refresh restarts to 50), and the eigenvalues stay within tol
-  of the dense ones. With tol=None every refresh runs the full
-  num_iters."""
+def test_settled_refreshes_cost_k_plus_5_products():
+  """Refreshed at the same parameters (a settled cache), a warm solve
+  stops at its first check: the cached block and one random row (k + 1
+  products) and one chunk of 4, while the first refresh starts from
+  random rows and runs more; the cached space captures the dense top 10
+  (to 1e-3). With tol=None every refresh fills its basis of num_iters
+  rows."""
   loss_fn, params, batch = _flat_spectrum_mlp()
   flat, unravel = ravel_pytree(params)
-  h = jax.hessian(lambda f: jnp.mean(loss_fn(unravel(f), batch)))(flat)
-  ref = np.linalg.eigvalsh(np.asarray(h))[::-1][:10]
-  for tol in (1e-2, None):
-    tx = anisonoise.hessian_noise(10, batch_size=32, tol=tol, key=0)
+  h = np.asarray(jax.hessian(lambda f: jnp.mean(loss_fn(unravel(f),
+                                                        batch)))(flat))
+  ref = np.linalg.eigvalsh(h)[::-1][:10]
+  for tol in (3e-3, None):
+    tx = anisonoise.hessian_noise(10, batch_size=32, tol=tol, key=0,
+                                  refresh_every=1)
     update = jax.jit(lambda s: tx.update(params, s, params, loss_fn=loss_fn,
                                          batch=batch)[1])
     state, used = tx.init(params), []
@@ -312,12 +314,12 @@ def test_settled_refreshes_cost_one_and_a_half_k_plus_4_products():
       state = update(state)
       used.append(int(state.num_matvecs))
     if tol is None:
-      assert used == [20] * 6
+      assert used[0] == 20 and used[1:] == [11 + 8] * 5, used
       continue
-    assert used[0] > 20 and used[-1] == 20
-    assert np.all(np.asarray(state.residual_norms) <= tol * ref[0])
-    assert np.max(np.abs(np.asarray(state.eigenvalues) - ref)) <= (
-        tol * ref[0])
+    assert used[0] > 15 and used[-1] == 15, used
+    u = np.asarray(jax.vmap(lambda t: ravel_pytree(t)[0])(
+        state.eigenvectors))
+    assert np.einsum("id,de,ie->", u, h, u) >= (1 - 1e-3) * ref.sum()
 
 
 def _gd_refreshes(tx, loss_fn, params, batch, steps=3, lr=0.5):
@@ -353,22 +355,30 @@ def test_default_budget_converges_a_flat_spectrum():
     assert err <= 1e-2 * ref[0], (name, err / ref[0])
 
 
-def test_low_rank_tol_converges_the_cached_eigenpairs():
+def test_low_rank_tol_trades_products_for_captured_curvature():
+  """A smaller tol runs more products and captures more of the dense top
+  10 (the frontier measured along runs in benchmarks/trajectory.py); at
+  tol 1e-3 a cold refresh captures 99.9%; every refresh reports that it
+  stopped by tol."""
   loss_fn, params, batch = _flat_spectrum_mlp()
   flat, unravel = ravel_pytree(params)
-  h = jax.hessian(lambda f: jnp.mean(loss_fn(unravel(f), batch)))(flat)
-  ref = np.linalg.eigvalsh(np.asarray(h))[::-1][:10]
-  errors = {}
-  for tol in (None, 1e-3):
+  h = np.asarray(jax.hessian(lambda f: jnp.mean(loss_fn(unravel(f),
+                                                        batch)))(flat))
+  ref = np.linalg.eigvalsh(h)[::-1][:10]
+  got = {}
+  for tol in (3e-2, 1e-3):
     tx = anisonoise.hessian_noise(10, batch_size=32, tol=tol, key=0,
-                                  max_matvecs=None if tol is None else 400)
+                                  max_matvecs=400)
     _, state = tx.update(params, tx.init(params), params, loss_fn=loss_fn,
                          batch=batch)
-    errors[tol] = np.max(np.abs(np.asarray(state.eigenvalues) - ref))
-    if tol:
-      assert np.all(np.asarray(state.residual_norms) <= tol * ref[0])
-  assert errors[None] > 0.1 * ref[0]  # one cycle of 20 products
-  assert errors[1e-3] <= 1e-3 * ref[0]
+    u = np.asarray(jax.vmap(lambda t: ravel_pytree(t)[0])(
+        state.eigenvectors))
+    got[tol] = (int(state.num_matvecs),
+                np.einsum("id,de,ie->", u, h, u) / ref.sum())
+    assert bool(state.converged)
+  assert got[3e-2][0] < got[1e-3][0], got
+  assert got[3e-2][1] < got[1e-3][1], got
+  assert got[1e-3][1] >= 0.999, got
   with pytest.raises(ValueError, match="tol must be positive"):
     anisonoise.leading_noise(3, batch_size=4, tol=-1.0)
   with pytest.raises(ValueError, match="max_matvecs=5 is below the 13"):

@@ -315,8 +315,7 @@ def _extend(mv, krylov: Krylov, start: int, stop: int, unroll: bool):
                 unroll)
 
 
-# The Krylov steps one compiled program of an eager solve runs (unrolled),
-# and the steps between two convergence checks of a solve with a ``tol``.
+# The Krylov steps one compiled program of an eager solve runs (unrolled).
 # On LeNet written with ``lax.conv`` (1,200 images, 2-core CPU, staged
 # products), 8 products took 0.158 s each as 8 programs, 0.149 s as 4
 # programs of 2 and 0.133 s as 2 of 4 (0.135 s in one ``fori_loop``).
@@ -331,50 +330,6 @@ def _chunk(step, mv, j, carry, n: int):
 
 _jit_krylov_chunk = jax.jit(functools.partial(_chunk, _krylov_step),
                             static_argnums=3)
-
-
-def _extend_checked(mv, krylov: Krylov, start: int, stop: int, k: int,
-                    tol, unroll: bool, early_stop: bool = True):
-  """Krylov steps ``start .. stop - 1`` that stop at the first check (every
-  :data:`CHUNK` steps, once ``k`` Ritz pairs exist) where the top ``k``
-  pairs meet ``tol``: the same criterion as at the end of a cycle, so a
-  solve stops at the first multiple of :data:`CHUNK` products where it
-  holds (``early_stop``; see :func:`top_eigenpairs` for what it can
-  miss). Returns the basis, its Ritz pairs and where it stopped.
-  Eagerly a Python loop; under a trace a ``lax.while_loop`` over
-  ``fori_loop`` segments, checked alike; with ``unroll`` under a trace
-  (no loop to leave), the whole range."""
-  points = list(range(start + CHUNK, stop, CHUNK)) + [stop]
-  if (tol is None or not early_stop
-      or (unroll and not _is_concrete(krylov.projected))):
-    krylov = _extend(mv, krylov, start, stop, unroll)
-    return krylov, _ritz_at(krylov, stop), jnp.asarray(stop, jnp.int32)
-  if _is_concrete(krylov.projected):
-    prev = start
-    for j in points:
-      krylov = _extend(mv, krylov, prev, j, unroll)
-      ritz = _ritz_at(krylov, j)
-      if j == stop or (j >= k and bool(_converged(ritz, k, tol))):
-        return krylov, ritz, jnp.asarray(j, jnp.int32)
-      prev = j
-  ends = jnp.asarray(points, jnp.int32)
-
-  def more(carry):
-    krylov, i, done = carry
-    return (i < len(points)) & ~done
-
-  def segment(carry):
-    krylov, i, _ = carry
-    lo = jnp.where(i == 0, start, ends[jnp.maximum(i - 1, 0)])
-    krylov = jax.lax.fori_loop(lo, ends[i],
-                               lambda j, c: _krylov_step(mv, j, c), krylov)
-    done = (ends[i] >= k) & _converged(_ritz_at(krylov, ends[i]), k, tol)
-    return krylov, i + 1, done
-
-  krylov, i, _ = jax.lax.while_loop(
-      more, segment, (krylov, jnp.asarray(0, jnp.int32), jnp.asarray(False)))
-  end = ends[i - 1]
-  return krylov, _ritz_at(krylov, end), end
 
 
 def _eager_operator(mv, carry) -> bool:
@@ -402,7 +357,8 @@ def _hold_one_operator(mv) -> None:
   call."""
   tree = jax.tree.structure(mv)
   if _last_eager_operator != [tree]:
-    for fn in (_jit_krylov_chunk, _jit_grow_chunk, _jit_apply):
+    for fn in (_jit_krylov_chunk, _jit_grow_chunk, _jit_apply,
+               _jit_subspace_chunk, _jit_apply_rows):
       fn.clear_cache()
     _last_eager_operator[:] = [tree]
 
@@ -511,25 +467,6 @@ class _Ritz(NamedTuple):
   values: jax.Array     # (m,) descending
   vectors: jax.Array    # (m, m) columns in the basis's coordinates
   residuals: jax.Array  # (m,) ||A u_j - theta_j u_j||
-
-
-def _ritz_at(krylov: Krylov, j) -> _Ritz:
-  """The Ritz pairs of the first ``j`` basis vectors (``j`` may be traced;
-  ``j = m`` gives :func:`_ritz`'s): ``T_j`` is padded to ``m x m`` with a
-  value below its spectrum, and the ``m - j`` padding pairs get ``T_j``'s
-  smallest Ritz value and a zero residual, so that they change neither
-  the top pairs, nor the scale, nor the convergence test. The residual of
-  a Ritz vector ``y`` of ``T_j`` is ``|P[j, :j] y|`` (``A Q_j y`` outside
-  ``Q_j``)."""
-  m = krylov.projected.shape[1]
-  live = jnp.arange(m) < j
-  t = jnp.where(live[:, None] & live[None, :], krylov.matrix(), 0.0)
-  below = 1.0 + 2.0 * m * jnp.max(jnp.abs(t))
-  evals, evecs = jnp.linalg.eigh(t - jnp.diag(jnp.where(live, 0.0, below)))
-  evals, evecs = evals[::-1], evecs[:, ::-1]
-  evals = jnp.where(live, evals, evals[jnp.maximum(j - 1, 0)])
-  row = jnp.where(live, krylov.projected[j], 0.0)
-  return _Ritz(evals, evecs, jnp.where(live, jnp.abs(row @ evecs), 0.0))
 
 
 def _ritz(krylov: Krylov) -> _Ritz:
@@ -725,7 +662,7 @@ def top_eigenpairs(
     init_vector: Params | None = None,
     init_subspace: Params | None = None,
     unroll: bool | None = None,
-    early_stop: bool = False,
+    criterion: str = "residual",
 ) -> EigenResult:
   """Top-k (largest algebraic) eigenpairs of a symmetric linear operator.
 
@@ -788,15 +725,31 @@ def top_eigenpairs(
       whose products run slower inside XLA:CPU loops). Restarts run in a
       ``lax.while_loop`` under ``jit`` and in a Python loop when called
       eagerly.
-    early_stop: with a ``tol``, stop each cycle at the first check (every
-      4 products) where the top ``k`` pairs meet it, rather than at the
-      cycle's end. Off by default: a small residual certifies an
-      eigenpair, not that it is among the top ``k``, and a short basis can
-      miss one. On the plain-conv LeNet of ``benchmarks/peers.py`` it
-      stopped at 48 products instead of 60 with one of the top 20 missed
-      (max. relative error 5.7e-2 against 2.8e-5 for the whole cycle), on
-      its MLP at 44 products with 1.3e-3. Not with ``unroll`` under a
-      trace, and not for ``init_subspace``.
+    criterion: what ``tol`` bounds. ``"residual"`` (the description
+      above): every one of the top ``k`` pairs, for an accurate
+      spectrum. ``"subspace"``: the top-``k`` eigen*space* and its
+      curvature, all the low-rank noises need (the covariance
+      ``U Lambda U^T`` is the same for any basis of a cluster of equal
+      eigenvalues). A block Rayleigh-Ritz solve: the start block
+      (``init_subspace``'s rows, zero rows random, plus one random row;
+      ``k`` random rows without it), then chunks of 4 products on the
+      residuals ``A u_j - theta_j u_j`` of the top-``k`` Ritz vectors
+      with the largest norms (until each of a warm start's ``k`` has had
+      its turn) and Krylov directions (the images of the rows added
+      last), in a basis of ``num_iters`` rows restarted on its top
+      ``k + (num_iters - k) // 2`` Ritz vectors, until the sum of the
+      top-``k`` Ritz values gains at most ``tol * 4 / k`` times
+      ``sum_j |theta_j|`` over a chunk (``converged``: ``tol`` is the gain
+      the whole top ``k`` would make at that rate), or ``max_matvecs`` is
+      spent. The Ritz sum is the curvature
+      ``sum_j u_j^T A u_j`` the vectors capture, never above the top
+      ``k`` eigenvalues' sum, and grows as the solve goes on: a small
+      gain is a stall, not a proof of the missing part (what the noises
+      capture along a run is measured in ``benchmarks/trajectory.py``).
+      The start block costs ``k + 1`` products, each chunk 4;
+      ``residual_norms`` are estimated from Gram matrices (to about
+      ``sqrt(eps)`` of the scale); ``tol=None`` fills the basis once.
+      ``init_vector`` and ``unroll`` do not apply.
 
   Returns:
     An :class:`EigenResult`.
@@ -844,6 +797,15 @@ def top_eigenpairs(
     )
   if unroll is None:
     unroll = default_lanczos_unroll(num_iters)
+  if criterion == "subspace":
+    if init_vector is not None:
+      raise ValueError('init_vector does not apply to criterion="subspace";'
+                       " give init_subspace (a block of start vectors).")
+    return _subspace_eigenpairs(mv, unravel_out, dtype, dim, k, key,
+                                num_iters, tol, max_matvecs, init_subspace)
+  if criterion != "residual":
+    raise ValueError('criterion must be "residual" (every top-k pair) or'
+                     f' "subspace" (the top-k space), got {criterion!r}.')
 
   if init_subspace is not None:
     if init_vector is not None:
@@ -855,8 +817,8 @@ def top_eigenpairs(
   else:
     v0 = ravel_pytree(init_vector)[0].astype(dtype)
 
-  krylov, ritz, used = _extend_checked(mv, _start_krylov(v0, num_iters), 0,
-                                       num_iters, k, tol, unroll, early_stop)
+  krylov = _extend(mv, _start_krylov(v0, num_iters), 0, num_iters, unroll)
+  ritz, used = _ritz(krylov), jnp.asarray(num_iters, jnp.int32)
   check = 1e-3 if tol is None else tol
   # Keep k plus half of the rest (at least one new direction per cycle):
   # more kept vectors converge the k-th pair faster per product.
@@ -870,10 +832,9 @@ def top_eigenpairs(
 
     def cycle(carry):
       krylov, ritz, used = carry
-      krylov, ritz, end = _extend_checked(
-          mv, _thick_restart(krylov, ritz, keep), keep, num_iters, k, tol,
-          unroll, early_stop)
-      return krylov, ritz, used + end - keep
+      krylov = _extend(mv, _thick_restart(krylov, ritz, keep), keep,
+                       num_iters, unroll)
+      return krylov, _ritz(krylov), used + per_cycle
 
     krylov, ritz, used = _restarts(more, cycle, (krylov, ritz, used),
                                    _is_concrete(krylov.projected))
@@ -990,3 +951,245 @@ def _recycled_eigenpairs(mv, unravel, init_subspace, k, key, num_iters, tol,
   _warn_unconverged(tol, converged, ritz, k, check, used)
   return EigenResult(ritz.values, jax.vmap(unravel)(ritz.vectors),
                      ritz.residuals, used, converged)
+
+
+# --------------------------------------------------------------------------
+# The subspace solve (``criterion="subspace"``), the low-rank noises' own
+# --------------------------------------------------------------------------
+
+# Products a subspace solve adds between two checks of its stopping rule.
+SUBSPACE_CHUNK = 4
+# Random rows a subspace solve adds to its start block: a look outside the
+# cached vectors, where an eigenvalue may have risen since they were found.
+EXTRA_ROWS = 1
+
+
+class _Subspace(NamedTuple):
+  """The state of a subspace solve: ``m`` rows of an orthonormal basis
+  ``Q`` (the first ``live`` in use), their images ``W = A Q``, and
+  ``T = Q W^T`` and ``G = W W^T``, kept as rows are added so that the
+  Ritz values and residual norms come from ``m x m`` matrices; the
+  top-``k`` Ritz sum, its gain over the last chunk, the products spent
+  and the key of the random rows."""
+
+  basis: jax.Array
+  images: jax.Array
+  t: jax.Array
+  g: jax.Array
+  live: jax.Array
+  ritz_sum: jax.Array
+  scale: jax.Array
+  gain: jax.Array
+  used: jax.Array
+  key: jax.Array
+  fresh: jax.Array
+
+
+def apply_rows(mv, rows: jax.Array) -> jax.Array:
+  """``A x`` for each row ``x`` of ``rows``, inside one program: a
+  ``jax.vmap``'d product on accelerators, a ``lax.map`` (one product at a
+  time) on a CPU, where batching ran slower per vector on the library's
+  LeNet (``benchmarks/block_products.py``)."""
+  if jax.default_backend() != "cpu":
+    return jax.vmap(mv)(rows)
+  return jax.lax.map(mv, rows)
+
+
+_jit_apply_rows = jax.jit(apply_rows)
+
+
+def _live_ritz(state: _Subspace):
+  """Ritz values (descending), vectors (columns, in basis coordinates)
+  and squared residual norms ``||A u - theta u||^2 = y^T G y - theta^2``
+  of the live rows; dead rows get values below the spectrum, so that they
+  never enter the top ones."""
+  m = state.t.shape[0]
+  live = jnp.arange(m) < state.live
+  both = live[:, None] & live[None, :]
+  t = jnp.where(both, state.t, 0.0)
+  below = 1.0 + 2.0 * m * jnp.max(jnp.abs(t))
+  evals, evecs = jnp.linalg.eigh(t - jnp.diag(jnp.where(live, 0.0, below)))
+  evals, evecs = evals[::-1], evecs[:, ::-1]
+  g = jnp.where(both, state.g, 0.0)
+  res2 = jnp.einsum("li,lm,mi->i", evecs, g, evecs) - evals ** 2
+  return evals, evecs, jnp.where(live, jnp.maximum(res2, 0.0), 0.0)
+
+
+def _top_sums(evals: jax.Array, live, k: int):
+  """``sum_{j<=k} theta_j`` and ``sum_{j<=k} |theta_j|`` over live rows."""
+  top = jnp.where(jnp.arange(k) < live, evals[:k], 0.0)
+  return jnp.sum(top), jnp.sum(jnp.abs(top))
+
+
+def _add_rows(mv, state: _Subspace, rows: jax.Array) -> _Subspace:
+  """Orthogonalises ``rows`` against the basis and each other (CGS2; a row
+  with nothing left becomes zero and adds nothing), applies the operator
+  to them and appends them and their images at row ``live``."""
+  c = rows.shape[0]
+  at = state.live + jnp.arange(c)
+  basis = state.basis
+  for i in range(c):
+    basis = basis.at[at[i]].set(_orthogonalise(basis, rows[i]), mode="drop")
+  new = basis[jnp.minimum(at, basis.shape[0] - 1)]
+  imgs = apply_rows(mv, new)
+  images = state.images.at[at].set(imgs, mode="drop")
+  cross_t = basis @ imgs.T         # column at[i] of T, every row
+  cross_g = images @ imgs.T        # column at[i] of G
+  t = state.t.at[:, at].set(cross_t, mode="drop")
+  t = t.at[at, :].set(cross_t.T, mode="drop")
+  g = state.g.at[:, at].set(cross_g, mode="drop")
+  g = g.at[at, :].set(cross_g.T, mode="drop")
+  return state._replace(basis=basis, images=images, t=t, g=g,
+                        live=state.live + c, used=state.used + c)
+
+
+def _restart(state: _Subspace, keep: int) -> _Subspace:
+  """Keeps the top ``keep`` Ritz vectors and their images (no product)."""
+  evals, evecs, _ = _live_ritz(state)
+  y = evecs[:, :keep]
+  m = state.t.shape[0]
+  zeros = jnp.zeros((m, m), state.t.dtype)
+  return state._replace(
+      basis=jnp.zeros_like(state.basis).at[:keep].set(y.T @ state.basis),
+      images=jnp.zeros_like(state.images).at[:keep].set(y.T @ state.images),
+      t=zeros.at[:keep, :keep].set(jnp.diag(evals[:keep])),
+      g=zeros.at[:keep, :keep].set(y.T @ state.g @ y),
+      live=jnp.asarray(keep, state.live.dtype),
+      fresh=jnp.maximum(state.fresh, 1))
+
+
+def _subspace_chunk(mv, state: _Subspace, k: int, chunk: int,
+                    keep: int) -> _Subspace:
+  """One step of a subspace solve: ``chunk`` new rows and their products.
+
+  While ``fresh`` chunks remain (after the start block: one for random
+  rows, ``ceil(k / chunk)`` for a warm start, so that every cached
+  direction can be corrected; one after a restart), the residuals
+  ``A u_j - theta_j u_j`` of the ``chunk`` top-``k`` Ritz vectors with
+  the largest residual norms (each corrects its Ritz vector to first
+  order); then the images of the rows added last (block Lanczos with a
+  block of ``chunk``: from random rows, residuals alone captured less
+  for the same products, ``benchmarks/README.md``). Both are
+  orthogonalised against the basis. A restart comes first when the basis
+  is full. Returns the state with the new top-``k`` Ritz sum and its
+  gain."""
+  m = state.t.shape[0]
+  state = jax.lax.cond(state.live + chunk > m, lambda s: _restart(s, keep),
+                       lambda s: s, state)
+  evals, evecs, res2 = _live_ritz(state)
+  # Among the top max(k, chunk): with k < chunk the next Ritz vectors'
+  # residuals fill the chunk.
+  order = jnp.argsort(-res2[:max(k, chunk)], stable=True)[:chunk]
+  y = evecs[:, order]
+  resid = y.T @ state.images - evals[order][:, None] * (y.T @ state.basis)
+  last = state.images[jnp.maximum(state.live - chunk, 0) + jnp.arange(chunk)]
+  rows = jnp.where(state.fresh > 0, resid, last)
+  # A row at rounding level (an invariant subspace) is replaced by a
+  # random direction, so that the basis still grows.
+  key, sub = jax.random.split(state.key)
+  rand = jax.random.normal(sub, rows.shape, rows.dtype)
+  floor = 32 * jnp.finfo(rows.dtype).eps * jnp.max(jnp.abs(evals[:k]))
+  small = jnp.linalg.norm(rows, axis=1) <= floor
+  rows = jnp.where(small[:, None], rand, rows)
+  state = _add_rows(mv, state._replace(key=key), rows)
+  new_sum, scale = _top_sums(_live_ritz(state)[0], state.live, k)
+  return state._replace(ritz_sum=new_sum, scale=scale,
+                        gain=new_sum - state.ritz_sum,
+                        fresh=jnp.maximum(state.fresh - 1, 0))
+
+
+_jit_subspace_chunk = jax.jit(_subspace_chunk, static_argnums=(2, 3, 4))
+
+
+def _subspace_done(state: _Subspace, k: int, tol) -> jax.Array:
+  """The stopping rule: at least ``k`` rows, and the top-``k`` Ritz sum
+  gained at most ``tol * 4 / k`` of ``sum_{j<=k} |theta_j|`` over the
+  last chunk of 4 products (``tol`` is the whole top-k's gain at that
+  rate). Reads the state only: an ``eigh`` in the ``while_loop``'s
+  condition hung XLA:CPU (jax 0.10.2) under ``jax.vmap`` over 8,000
+  seeds."""
+  chunk = min(SUBSPACE_CHUNK, k)
+  return (state.live >= k) & (state.gain <= tol * state.scale * chunk / k)
+
+
+def _subspace_eigenpairs(mv, unravel, dtype, dim: int, k: int,
+                         key: jax.Array, num_iters: int, tol,
+                         max_matvecs: int, init_subspace) -> EigenResult:
+  """:func:`top_eigenpairs` with ``criterion="subspace"``: Rayleigh-Ritz on
+  the start block (``init_subspace``'s ``b`` rows, zero rows random, and
+  :data:`EXTRA_ROWS` random rows; ``k`` random rows without one), then
+  chunks of :data:`SUBSPACE_CHUNK` residual directions
+  (:func:`_subspace_chunk`) in a basis of ``num_iters`` rows, restarted on
+  its top ``k + (num_iters - k) // 2`` Ritz vectors when full, until the
+  top-``k`` Ritz sum gains at most ``tol`` (relative) over a chunk or
+  ``max_matvecs`` is spent."""
+  k_rows, k_loop = jax.random.split(key)
+  if init_subspace is None:
+    # 1 to 4 random rows, so that whole chunks fill the basis exactly.
+    c = SUBSPACE_CHUNK
+    block = jnp.zeros((num_iters - c * ((num_iters - 1) // c), dim), dtype)
+  else:
+    block = jax.vmap(lambda t: ravel_pytree(t)[0])(init_subspace).astype(
+        dtype)
+    block = jnp.concatenate([block, jnp.zeros((EXTRA_ROWS, dim), dtype)])
+  s = max(1, min(block.shape[0], num_iters))
+  start = _orthonormal_rows(block[:s], k_rows)
+  eager = _eager_operator(mv, start)
+  if eager:
+    _hold_one_operator(mv)
+    images = _jit_apply_rows(mv, start)
+  else:
+    images = apply_rows(mv, start)
+  m = num_iters
+  chunk = min(SUBSPACE_CHUNK, m - s)
+  chunk_of = max(1, chunk)
+  t = jnp.zeros((m, m), dtype).at[:s, :s].set(start @ images.T)
+  g = jnp.zeros((m, m), dtype).at[:s, :s].set(images @ images.T)
+  state = _Subspace(
+      basis=jnp.zeros((m, dim), dtype).at[:s].set(start),
+      images=jnp.zeros((m, dim), dtype).at[:s].set(images),
+      t=0.5 * (t + t.T), g=g, live=jnp.asarray(s, jnp.int32),
+      ritz_sum=jnp.zeros([], dtype), scale=jnp.zeros([], dtype),
+      gain=jnp.asarray(jnp.inf, dtype),
+      used=jnp.asarray(s, jnp.int32), key=k_loop,
+      fresh=jnp.asarray(1 if init_subspace is None else -(-k // chunk_of),
+                        jnp.int32))
+  ritz_sum, scale = _top_sums(_live_ritz(state)[0], s, k)
+  state = state._replace(ritz_sum=ritz_sum, scale=scale)
+  check = 1e-3 if tol is None else tol
+  if chunk > 0 and s < dim:
+    keep = min(m - chunk, k + (m - k) // 2)
+
+    def more(state):
+      # A basis that spans the whole space holds the exact eigenpairs.
+      if tol is None:  # fill the basis once
+        return (state.live + chunk <= m) & (state.live < dim)
+      return (~_subspace_done(state, k, tol)) & (
+          state.used + chunk <= max_matvecs) & (state.live < dim)
+
+    if eager:
+      while bool(more(state)):
+        state = _jit_subspace_chunk(mv, state, k, chunk, keep)
+    else:
+      state = jax.lax.while_loop(
+          more, lambda st: _subspace_chunk(mv, st, k, chunk, keep), state)
+  evals, evecs, res2 = _live_ritz(state)
+  converged = (state.live >= dim) | _subspace_done(state, k, check)
+  if tol is not None and _is_concrete(converged) and not bool(converged):
+    warnings.warn(
+        f"top_eigenpairs: the top-{k} Ritz sum still gained"
+        f" {float(state.gain):.2e} over the last {chunk} products after"
+        f" {int(state.used)} (tol {check:g} of the sum). Raise max_matvecs"
+        " or loosen tol.", RuntimeWarning, stacklevel=3)
+  vecs = _fix_signs(evecs[:, :k].T @ state.basis)
+  return EigenResult(evals[:k], jax.vmap(unravel)(vecs),
+                     jnp.sqrt(res2[:k]), state.used, converged)
+
+
+def _fix_signs(vecs: jax.Array) -> jax.Array:
+  """Each row's sign fixed by its inner product with a fixed irregular
+  vector (``cos(0.7071 i)``), positive: the same eigenvector whatever
+  rounding (eager or jitted, one device or a mesh) chose its sign, so that
+  the noise's draws along it are the same."""
+  probe = jnp.cos(0.7071 * jnp.arange(vecs.shape[1], dtype=vecs.dtype))
+  return vecs * jnp.where(vecs @ probe < 0, -1.0, 1.0)[:, None]

@@ -75,10 +75,11 @@ class LowRankFactor(NamedTuple):
   ``H`` (Hessian) at the last refresh, in float32 at least whatever the
   parameters' dtype (float64 under x64); ``residual_norms`` their
   residuals, ``num_matvecs`` the operator products that refresh's solve
-  ran and ``converged`` whether it met its ``tol`` (every pair's residual
-  within ``tol`` of the largest ``|lambda_j|``, and no eigenvalue seen
-  above the k-th cached one outside the cached block; ``True`` before the
-  first refresh).
+  ran and ``converged`` whether its stopping rule held before its budget
+  was spent (the captured curvature ``sum_j u_j^T M u_j`` gained at most
+  ``tol * 4 / k`` of itself over its last 4 products,
+  ``top_eigenpairs(criterion="subspace")``; ``True`` before the first
+  refresh).
   The noise covariance is ``trace * sum_j c_j v_j v_j^T / sum_j c_j`` with
   ``c_j = max(lambda_j, 0)`` (and ``c = (1, 0, ...)`` for the
   1st-eigenvector noise, ``0`` when ``lambda_1 <= 0``).
@@ -127,8 +128,8 @@ class DiagonalNoiseState(NamedTuple):
 class LowRankNoiseState(NamedTuple):
   """State of :func:`leading_noise`, :func:`hessian_noise` and
   :func:`hessian_eigvec_noise`: ``count``, ``rng_key``, ``num_rejected``,
-  ``num_unconverged`` (refreshes whose eigen-solve did not meet its
-  ``tol`` within its budget; their pairs are used all the same) and the
+  ``num_unconverged`` (refreshes whose eigen-solve spent its budget
+  before its stopping rule held; their pairs are used all the same) and the
   cached :class:`LowRankFactor` (``state.trace``, ``state.eigenvalues``,
   ``state.eigenvectors``, ``state.residual_norms``, ``state.num_matvecs``
   and ``state.converged``, the last refresh's flag, read its fields)."""
@@ -346,14 +347,9 @@ class TraceEstimation:
         num_probes=self.num_probes, chunk_size=self.chunk_size)
 
 
-# A refresh's default budget of products, in units of its Krylov basis
-# size: restarts until ``tol`` up to ``5 num_iters`` (100 for k = 10). On a
-# tanh MLP 34-24-10 (D = 1,090, n = 256, random labels: a flat top
-# spectrum), after 3 refreshes 10 GD steps apart the cached top 10 were
-# within 6.5e-4 lambda_1 (Hessian) and 2.4e-4 (covariance) of dense
-# ``eigh``; with ``3 num_iters``, 1.4e-2 and 1.2e-2; with one cycle (the
-# former default) 0.20 and 0.14. At 34-96-10 (D = 4,330): 4.3e-4 and
-# 1.0e-4 against 0.19 and 0.14 with one cycle.
+# A refresh's default budget of products, in units of its basis size:
+# ``5 num_iters`` (200 for k = 20), a cap a refresh reaches only when its
+# stopping rule has not held (``converged`` is then False).
 BUDGET_CYCLES = 5
 
 
@@ -389,9 +385,10 @@ class Solver:
             " with it.")
 
   def solve(self, operator, params, batch, chunk_size, key, old):
-    """Top-k eigenpairs; warm-started from the cached eigenvectors (subspace
-    recycling) once there are any, a cold Lanczos solve at the first
-    refresh."""
+    """The top-k eigenspace (``top_eigenpairs(criterion="subspace")``):
+    warm-started from the cached eigenvectors once there are any, from
+    random rows at the first refresh."""
+    del batch, chunk_size
     d = batching.num_params(params)
     iters = (curvature.default_num_iters(self.k, d) if self.num_iters is None
              else min(self.num_iters, d))
@@ -400,13 +397,13 @@ class Solver:
         num_iters=iters, tol=self.tol,
         max_matvecs=(BUDGET_CYCLES * iters if self.max_matvecs is None
                      else self.max_matvecs),
-        unroll=curvature.lanczos_unroll(batch, chunk_size, iters))
-    if iters == self.k:
+        criterion="subspace")
+    if iters <= self.k:
       return solve()
     # Under jax.vmap (seeds) the predicate is reduced over the seeds, so the
     # cond stays a cond and one solve runs; a seed whose cache is still
     # empty while another's is not is then warm-started from its zero
-    # cache, which top_eigenpairs fills with random directions.
+    # cache, which top_eigenpairs fills with random rows.
     return jax.lax.cond(
         batching.any_over_batch(old.num_matvecs > 0),
         lambda: solve(init_subspace=old.eigenvectors), solve)

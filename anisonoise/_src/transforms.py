@@ -397,50 +397,30 @@ _LOW_RANK_ARGS_DOC = """
       minibatches with replacement (``True``: ``Tr(C)/m``, paper Eq. 5) or
       without (``False``: ``(n-m)/(n-1) Tr(C)/m``).
     refresh_every: re-estimate the eigenpairs (and the trace) every this many
-      steps; noise is drawn every step.
-    key: seed of the draws: an int (Python, NumPy or JAX integer,
-      traced ones too, e.g. ``jax.vmap`` over seeds), a typed PRNG key or a
-      raw ``uint32[2]`` key, which reproduce exactly; ``None`` (default): a
-      stream of its own, never shared with another transform (see the
-      module docstring, "Keys").
-    num_iters: Lanczos basis size, the products of a refresh's first
-      cycle; default ``max(2k, k + 10)``, at most ``D``. From the second
-      refresh on, the solve is warm-started from the cached eigenvectors
-      (``top_eigenpairs(init_subspace=...)``: a Rayleigh-Ritz step on them,
-      ``k`` products, plus ``num_iters - k`` new Krylov directions), so
-      that the accuracy builds up across refreshes at the same number of
-      products.
-    tol: residual tolerance of the cached pairs, relative to the largest
-      ``|lambda_j|`` (each eigenvalue is then within it of one of the
-      operator's, and in practice far closer: the error is about the
-      residual squared over the gap). Where the Rayleigh-Ritz step on the
-      cached vectors already meets it (a settled subspace, as near a
-      minimum), the refresh adds ``4 + (k + 4) // 2`` Krylov directions
-      from a random start outside the cached block instead of the full
-      cycle (``k + 4 + (k + 4) // 2`` products in all, at most
-      ``num_iters``: 20 for k = 10): the former ``k + 4`` and a guard of
-      half that, since residuals certify eigenpairs but not that they are
-      the top ones. If the operator
-      restricted to those directions has an eigenvalue above the k-th
-      cached one (one has risen outside the block), the full cycle and
-      restarts run from the pairs that include it. ``None``: always one
-      full cycle. Measured along GD on a tanh MLP 32-48-48-10 after 2,000
-      steps (k = 10, refresh every 10, before the guard): from the 5th
-      refresh on, 5 of the 12 refreshes of GLD Hessian and GLD leading were
-      settled, and every eigenvalue stayed within 1.1e-3 ``lambda_1`` of a
-      converged reference, as with ``None``; from initialisation none was
-      settled (``benchmarks/README.md``).
-    max_matvecs: budget of products per refresh: restarts run until ``tol``
-      while it allows (default ``5 num_iters``, 100 for k = 10; a settled
-      refresh stops at 20). On a flat-spectrum tanh MLP 34-96-10
-      (D = 4,330, n = 256, random labels, k = 10, refresh every 10 GD
-      steps) the third refresh left the cached top 10 within 4.3e-4
-      ``lambda_1`` of dense ``eigh`` for ``H`` and 1.0e-4 for ``C``
-      (45 to 100 products per refresh); with one cycle, the former
-      default, 0.19 and 0.14. ``state.num_matvecs`` holds what the last
-      refresh ran, ``state.converged`` whether it met ``tol`` and
-      ``state.num_unconverged`` how many refreshes did not (their pairs
-      are used all the same: raise ``max_matvecs`` or loosen ``tol``).
+      steps; noise is drawn every step from the cached factor. Default 10,
+      the paper's period (Section 5.3); 1 re-solves at every step.
+    num_iters: rows of the solve's basis (default ``max(2k, k + 10)``, at
+      most ``D``): its memory, ``2 num_iters D`` floats (rows and their
+      images).
+    tol: when a refresh stops: once the curvature its vectors capture,
+      ``sum_j u_j^T M u_j`` (``M`` the operator, ``H`` or ``C``), gains at
+      most ``tol * 4 / k`` of itself over the last 4 products
+      (``top_eigenpairs(criterion="subspace")``). It bounds a stall, not
+      the distance to the top-k space; what the default captures along
+      training runs, and what each ``tol`` costs, is on the benchmarks
+      page. The noise needs the top-k *space* and its curvature, not each
+      eigenvector: a solve is not slowed by eigenvalues clustered inside
+      the top k. The first refresh starts from random rows (4 at a time);
+      later ones from the cached eigenvectors plus one random row
+      (``k + 1`` products), then add the residuals of the cached
+      directions and Krylov directions 4 products at a time.
+      ``None``: one basis' worth of products (``num_iters``), no check.
+    max_matvecs: most products a refresh may run (default
+      ``5 num_iters``, 200 for k = 20); ``state.num_matvecs`` holds what
+      the last refresh ran, ``state.converged`` whether it stopped by
+      ``tol`` rather than by this budget, and ``state.num_unconverged``
+      how many refreshes hit the budget (their vectors are used all the
+      same).
     trace_estimator: how ``Tr(C)`` is estimated at a refresh (every one
       is unbiased, and the noise covariance is linear in it):
       ``"deflated"`` (GLD leading's default): the part in the span of the
@@ -450,10 +430,8 @@ _LOW_RANK_ARGS_DOC = """
       variance reduction, :func:`anisonoise.covariance_trace` with
       ``deflate``); ``"hutchinson"`` (the Hessian noises' default):
       ``num_probes`` plain forward-mode probes; ``"exact"``: per-example
-      gradients. On an MLP 784-64-10 from initialisation to a global
-      minimum one probe's relative standard deviation was 0.03-0.04
-      deflated by C's top 20, 0.04-0.07 by H's, 0.26-0.40 plain
-      (``benchmarks/README.md``).
+      gradients. The spread of each estimator is measured on the
+      benchmarks page.
     num_probes: Hutchinson probes.
     chunk_size: examples per chunk, for every pass over the batch (the
       trace and every product of the eigen-solve); ``None``: all at once.
@@ -474,10 +452,10 @@ def leading_noise(
     batch_size: int | None = None,
     trace: chex.Numeric | None = None,
     replacement: bool = True,
-    refresh_every: int = 1,
+    refresh_every: int = 10,
     key: KeyLike | None = None,
     num_iters: int | None = None,
-    tol: float | None = 1e-2,
+    tol: float | None = 3e-3,
     max_matvecs: int | None = None,
     trace_estimator: str = "deflated",
     num_probes: int = 8,
@@ -524,10 +502,10 @@ def hessian_noise(
     batch_size: int | None = None,
     trace: chex.Numeric | None = None,
     replacement: bool = True,
-    refresh_every: int = 1,
+    refresh_every: int = 10,
     key: KeyLike | None = None,
     num_iters: int | None = None,
-    tol: float | None = 1e-2,
+    tol: float | None = 3e-3,
     max_matvecs: int | None = None,
     trace_estimator: str = "hutchinson",
     num_probes: int = 8,
@@ -576,10 +554,10 @@ def hessian_eigvec_noise(
     batch_size: int | None = None,
     trace: chex.Numeric | None = None,
     replacement: bool = True,
-    refresh_every: int = 1,
+    refresh_every: int = 10,
     key: KeyLike | None = None,
     num_iters: int | None = None,
-    tol: float | None = 1e-2,
+    tol: float | None = 3e-3,
     max_matvecs: int | None = None,
     trace_estimator: str = "hutchinson",
     num_probes: int = 8,
