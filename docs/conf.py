@@ -227,6 +227,19 @@ def _public_name(app, env, node, contnode):
 # The benchmark pages' sections: each result file of ``benchmarks/results``
 # under the question it answers, with a readable title.
 _BENCHMARK_SECTIONS = {
+    "trajectory": [
+        ("trajectory_lenet", "LeNet, 100 steps from initialisation and from"
+         " theta_GD"),
+        ("trajectory_lenet_conv", "LeNet as a user writes it (lax.conv),"
+         " 100 steps from initialisation"),
+        ("trajectory_mlp", "MLP 784-64-10, 100 steps from initialisation"),
+        ("trajectory_mlp4k", "Tanh MLP (D = 3,850) with the dense reference,"
+         " 100 steps from initialisation"),
+        ("trajectory_mlp4k_tol", "The same: cost against captured curvature,"
+         " by tol"),
+        ("block_products", "A block of 20 Hessian products: one at a time,"
+         " lax.map, vmap"),
+    ],
     "step_cost": [
         ("step_cost_lenet", "LeNet, every dynamics, refresh 1 and 10"),
         ("step_cost_lenet_hessian_default",
@@ -291,7 +304,8 @@ def _benchmark_table(name: str) -> str:
     res = json.load(f)
   stem = os.path.basename(name)
   module = next((m for m in ("step_cost", "peers", "memory", "scaling",
-                             "scale", "warm_start", "trace_estimators")
+                             "scale", "warm_start", "trace_estimators",
+                             "trajectory", "block_products")
                  if stem == m or stem.startswith(m + "_")), None)
   if module is not None:
     return importlib.import_module(module).markdown(res)
@@ -348,6 +362,11 @@ def _write_generated(app):
            for section, text in _benchmark_pages().items()}
   for name, (module, result) in _STUDY_TABLES.items():
     texts[name] = _study_table(module, result)
+  # The cost table of the home page and the guide (the README's is checked
+  # against it by tests/test_docs.py).
+  sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+  texts["cost_table.md"] = importlib.import_module(
+      "trajectory").cost_table() + "\n"
   for name, text in texts.items():
     path = os.path.join(out, name)
     if not os.path.exists(path) or open(path).read() != text:
