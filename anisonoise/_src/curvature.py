@@ -732,7 +732,7 @@ def top_eigenpairs(
       ``U Lambda U^T`` is the same for any basis of a cluster of equal
       eigenvalues). A block Rayleigh-Ritz solve: the start block
       (``init_subspace``'s rows, zero rows random, plus one random row;
-      ``k`` random rows without it), then chunks of 4 products on the
+      1 to 4 random rows without it), then chunks of 4 products on the
       residuals ``A u_j - theta_j u_j`` of the top-``k`` Ritz vectors
       with the largest norms (until each of a warm start's ``k`` has had
       its turn) and Krylov directions (the images of the rows added
@@ -1117,8 +1117,9 @@ def _subspace_eigenpairs(mv, unravel, dtype, dim: int, k: int,
                          max_matvecs: int, init_subspace) -> EigenResult:
   """:func:`top_eigenpairs` with ``criterion="subspace"``: Rayleigh-Ritz on
   the start block (``init_subspace``'s ``b`` rows, zero rows random, and
-  :data:`EXTRA_ROWS` random rows; ``k`` random rows without one), then
-  chunks of :data:`SUBSPACE_CHUNK` residual directions
+  :data:`EXTRA_ROWS` random rows; 1 to 4 random rows without one, so
+  that whole chunks fill the basis), then chunks of
+  :data:`SUBSPACE_CHUNK` residual directions
   (:func:`_subspace_chunk`) in a basis of ``num_iters`` rows, restarted on
   its top ``k + (num_iters - k) // 2`` Ritz vectors when full, until the
   top-``k`` Ritz sum gains at most ``tol`` (relative) over a chunk or

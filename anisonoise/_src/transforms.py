@@ -410,7 +410,7 @@ _LOW_RANK_ARGS_DOC = """
       training runs, and what each ``tol`` costs, is on the benchmarks
       page. The noise needs the top-k *space* and its curvature, not each
       eigenvector: a solve is not slowed by eigenvalues clustered inside
-      the top k. The first refresh starts from random rows (4 at a time);
+      the top k. The first refresh starts from 1 to 4 random rows;
       later ones from the cached eigenvectors plus one random row
       (``k + 1`` products), then add the residuals of the cached
       directions and Krylov directions 4 products at a time.
