@@ -24,41 +24,19 @@ import argparse
 import json
 
 import jax
-import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
 import _common
+import scale
+import step_cost
 from _common import environment, timeit
 from anisonoise._src import curvature
 from trajectory import PROBLEMS
 
 
-def vgg_problem(n: int):
-  """VGG11 (the paper's, 9.75M parameters) on ``n`` random 32x32 images."""
-  import numpy as np
-  import optax
-  from flax import nnx
-  from anisonoise.models import VGG11
-  model = VGG11(nnx.Rngs(0))
-  graphdef, params = nnx.split(model, nnx.Param)
-  rng = np.random.default_rng(0)
-  batch = {"x": jnp.asarray(rng.uniform(-1, 1, (n, 32, 32, 3)), jnp.float32),
-           "y": jnp.asarray(rng.integers(0, 10, n))}
-
-  def loss_fn(p, b):
-    return optax.softmax_cross_entropy_with_integer_labels(
-        nnx.merge(graphdef, p)(b["x"]), b["y"])
-
-  return loss_fn, params, batch
-
-
 def measure(loss_fn, params, batch, block: int, repeats: int) -> dict:
-  @jax.jit
-  def gd(p, b):
-    g = jax.grad(lambda q: jnp.mean(loss_fn(q, b)))(p)
-    return jax.tree.map(lambda a, d: a - 0.07 * d, p, g)
-
-  t_gd = timeit(gd, params, batch, repeats=repeats)
+  tx, gd = step_cost.make_step(loss_fn, None)
+  t_gd = timeit(gd, params, tx.init(params), batch, repeats=repeats)
   op = jax.jit(lambda p, b: curvature.hessian_operator(loss_fn, p, b))(
       params, batch)
   mv = curvature.flat_operator(op, params)[0]
@@ -93,7 +71,7 @@ def main():
   rows = {}
   problems = {p: PROBLEMS[p][0] for p in args.problems}
   if args.vgg:
-    problems["vgg11"] = lambda: vgg_problem(args.vgg_n)
+    problems["vgg11"] = lambda: scale.vgg_problem(args.vgg_n)
   for name, make in problems.items():
     rows[name] = measure(*make(), args.block, args.repeats)
     print(name, json.dumps(rows[name]), flush=True)

@@ -43,6 +43,7 @@ from jax.flatten_util import ravel_pytree
 
 import anisonoise
 import _common
+import step_cost
 from _common import environment, lenet_problem
 
 K = 20
@@ -74,24 +75,16 @@ def make_noise(label: str, key: int = 0, **settings):
 def mlp4k_problem(n: int = 600, hidden: int = 64, seed: int = 0):
   """A tanh MLP 49-64-10 (D = 3,850) on ``n`` corrupted Fashion-MNIST
   images average-pooled to 7 x 7 (random images without the data)."""
-  images = _common.lenet_images(n, seed)[0]
-  labels = _common.lenet_images(n, seed)[1]
+  images, labels, _ = _common.lenet_images(n, seed)
   x = np.asarray(images).reshape(n, 7, 4, 7, 4).mean((2, 4))
   return _common.mlp_problem(x, labels, hidden, activation=jnp.tanh,
                              seed=seed)
 
 
-def mlp_problem(n: int = 1200, seed: int = 0):
-  """ReLU 784-64-10 on random inputs (timings depend on shapes only)."""
-  rng = np.random.default_rng(seed)
-  x = rng.normal(size=(n, 784)).astype(np.float32)
-  return _common.mlp_problem(x, rng.integers(0, 10, n), 64, seed=seed)
-
-
 PROBLEMS = {
     "lenet": (lambda: lenet_problem(1200), 0.07),
     "lenet_conv": (lambda: lenet_problem(1200, plain_conv=True), 0.07),
-    "mlp": (mlp_problem, 0.01),
+    "mlp": (step_cost.mlp_problem, 0.01),
     "mlp4k": (mlp4k_problem, 0.07),
 }
 
@@ -162,8 +155,6 @@ class Reference:
     ref = anisonoise.top_eigenpairs(op, params, k, key=jax.random.key(7),
                                     num_iters=3 * k, tol=1e-4,
                                     max_matvecs=30 * k)
-    mv = anisonoise.hessian_operator if not of_covariance else None
-    del mv
     flat_like = ravel_pytree(params)[1]
     images = np.stack([np.asarray(ravel_pytree(op(flat_like(
         jnp.asarray(row, jnp.float32))))[0], np.float64) for row in u])
@@ -195,8 +186,7 @@ def run_case(label, noise, every, loss_fn, params, batch, lr, steps,
                                              of_covariance)
       refreshes.append(row)
   return {"case": label, "compile_s": compile_s, "step_s": times,
-          "mean_step_s": float(np.mean(times)), "refreshes": refreshes,
-          "final_loss": None}
+          "mean_step_s": float(np.mean(times)), "refreshes": refreshes}
 
 
 def main():

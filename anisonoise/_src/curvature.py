@@ -1121,9 +1121,8 @@ def _subspace_eigenpairs(mv, unravel, dtype, dim: int, k: int,
   that whole chunks fill the basis), then chunks of
   :data:`SUBSPACE_CHUNK` residual directions
   (:func:`_subspace_chunk`) in a basis of ``num_iters`` rows, restarted on
-  its top ``k + (num_iters - k) // 2`` Ritz vectors when full, until the
-  top-``k`` Ritz sum gains at most ``tol`` (relative) over a chunk or
-  ``max_matvecs`` is spent."""
+  its top ``k + (num_iters - k) // 2`` Ritz vectors when full, until
+  :func:`_subspace_done` holds or ``max_matvecs`` is spent."""
   k_rows, k_loop = jax.random.split(key)
   if init_subspace is None:
     # 1 to 4 random rows, so that whole chunks fill the basis exactly.
