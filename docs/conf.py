@@ -273,6 +273,10 @@ _BENCHMARK_SECTIONS = {
     "scaling": [
         ("scaling", "Cost against D and n (MLPs, refresh 10)"),
     ],
+    "many_hosts": [
+        ("multi_process",
+         "2 processes x 1 device against 1 process x 2 devices"),
+    ],
     "gpu": [
         ("gpu/step_cost_lenet", "LeNet, every dynamics, on one H100"),
         ("gpu/scale", "VGG11, 5,000 images in chunks of 250, on one H100"),
@@ -305,7 +309,8 @@ def _benchmark_table(name: str) -> str:
   stem = os.path.basename(name)
   module = next((m for m in ("step_cost", "peers", "memory", "scaling",
                              "scale", "warm_start", "trace_estimators",
-                             "trajectory", "block_products")
+                             "trajectory", "block_products",
+                             "multi_process")
                  if stem == m or stem.startswith(m + "_")), None)
   if module is not None:
     return importlib.import_module(module).markdown(res)
@@ -342,17 +347,25 @@ _STUDY_TABLES = {
     "fig2_table.md": ("fig2_toy", "examples/results/fig2/fig2.json"),
     "fig4_table.md": ("fig4_one_hidden_layer",
                       "examples/results/fig4/fig4.json"),
+    "fmnist_quick_summary.md": ("train.escape_summary",
+                                "examples/results/fmnist_quick/results.json"),
 }
 
 
 def _study_table(module: str, result: str) -> str:
+  """A study's committed result rendered by the study's own code:
+  ``module``'s ``markdown_table``, or ``module.function``."""
   path = os.path.join(ROOT, result)
   if not os.path.exists(path):
     return f"*Not committed yet: run the command above to write `{result}`.*\n"
   sys.path.insert(0, os.path.join(ROOT, "examples"))
+  sys.path.insert(0, os.path.join(ROOT, "examples", "noisy_minima"))
   with open(path) as f:
     summary = json.load(f)
-  return importlib.import_module(module).markdown_table(summary) + "\n"
+  module, _, function = module.partition(".")
+  render = getattr(importlib.import_module(module),
+                   function or "markdown_table")
+  return render(summary) + "\n"
 
 
 def _write_generated(app):

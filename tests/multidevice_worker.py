@@ -32,10 +32,11 @@ CHUNKED = ("diagonal_noise", "leading_noise", "hessian_noise", "sgd_noise",
            "escape_indicator_stochastic", "expected_sharpness")
 
 
-def problem():
+def problem(n=N):
+  """A tanh MLP (D = 581) and ``n`` random examples, in float32."""
   rng = np.random.default_rng(0)
-  x = rng.normal(size=(N, D_IN)).astype(np.float32)
-  y = rng.integers(0, CLASSES, N).astype(np.int32)
+  x = rng.normal(size=(n, D_IN)).astype(np.float32)
+  y = rng.integers(0, CLASSES, n).astype(np.int32)
   params = {
       "w1": jnp.asarray(rng.normal(size=(D_IN, HIDDEN)) * 0.3, jnp.float32),
       "b1": jnp.zeros(HIDDEN, jnp.float32),
@@ -71,6 +72,30 @@ def transforms(chunk):
           num_iters=8, tol=None, **common),
       "sgd_noise": anisonoise.sgd_noise(**common),
   }
+
+
+def same_draw_transforms():
+  """The low-rank noises at their default ``tol`` (a stop decided by the
+  sums of each layout), refreshed at each of two steps (a cold and a warm
+  refresh): their noise, not their eigenvectors, is what must agree."""
+  common = dict(batch_size=8, refresh_every=1, key=0)
+  return {
+      "leading_noise": anisonoise.leading_noise(4, **common),
+      "hessian_noise": anisonoise.hessian_noise(4, **common),
+      "hessian_eigvec_noise": anisonoise.hessian_eigvec_noise(**common),
+  }
+
+
+def two_draws(tx, loss_fn):
+  """The noise ``tx`` draws at two jitted steps of GD (lr 0.1)."""
+  def run(p, s, b):
+    zeros = jax.tree.map(jnp.zeros_like, p)
+    first, s = tx.update(zeros, s, p, loss_fn=loss_fn, batch=b)
+    g = jax.grad(lambda q: jnp.mean(loss_fn(q, b)))(p)
+    p = jax.tree.map(lambda a, x: a - 0.1 * x, p, g)
+    second, _ = tx.update(zeros, s, p, loss_fn=loss_fn, batch=b)
+    return first, second
+  return run
 
 
 def diagnostics(loss_fn, chunk):
@@ -130,6 +155,10 @@ def main(argv):
         continue
       cases[name + suffix] = (lambda p, s, b, fn=fn: fn(p, b), lambda: None)
 
+  if chunks:
+    for name, tx in same_draw_transforms().items():
+      cases["same_draw/" + name] = (two_draws(tx, loss_fn),
+                                    lambda tx=tx: tx.init(params))
   reference = {name: jax.jit(step)(params, init(), batch)
                for name, (step, init) in cases.items()}
   # Auto axes: the unchunked cases (chunks are covered with Explicit axes).
@@ -141,6 +170,8 @@ def main(argv):
       for name, (step, init) in cases.items():
         if mode == "auto" and "@chunk" in name:
           continue
+        if mode == "explicit" and name.startswith("same_draw/"):
+          continue  # one mesh mode: the draws' agreement, not the axes
         state = init()
         start = time.perf_counter()
         compiled = jax.jit(step).lower(params, state, sharded).compile()

@@ -84,16 +84,26 @@ def test_data_parallel_example_refuses_an_uneven_batch(worker):
 
 def test_all_cases_ran(results):
   names = {k.split("/", 1)[1] for k in results}
-  assert len(names) == 19, sorted(names)
-  assert sum(k.startswith("auto/") for k in results) == 13
+  assert len(names) == 22, sorted(names)
+  assert sum(k.startswith("auto/") for k in results) == 16
 
 
 def test_mesh_matches_one_device_in_float32(results):
   """To float32 rounding of the reordered sums (a step's updates and
   state; a gathered or mis-reduced sum is off by O(1))."""
   worst = {k: v["rel_diff"] for k, v in results.items()
-           if v["rel_diff"] > 3e-5}
+           if v["rel_diff"] > 3e-5 and "/same_draw/" not in k}
   assert not worst, worst
+
+
+def test_the_same_key_draws_the_same_noise_on_the_mesh(results):
+  """The low-rank noises at their defaults (``tol`` 3e-3, a cold and a
+  warm refresh): the noise drawn on 8 devices is one device's to 1e-3
+  (relative), whatever signs or rotations the two solves gave their
+  eigenvectors."""
+  draws = {k: v["rel_diff"] for k, v in results.items()
+           if "/same_draw/" in k}
+  assert len(draws) == 3 and max(draws.values()) <= 1e-3, draws
 
 
 def test_nothing_is_gathered_but_the_exact_indicator(results):

@@ -543,11 +543,18 @@ def low_rank_transform(
                          jnp.asarray(res.converged, bool))
 
   def draw(factor, key, params):
+    # U diag(sqrt(s w)) U^T xi with xi ~ N(0, I_D) drawn in the full
+    # space: covariance U diag(s w) U^T, as sum_j sqrt(s w_j) z_j u_j, but
+    # the same draw whatever signs, or rotations inside a cluster of equal
+    # weights, the solve gave U (one device, a mesh, several processes).
     del params
     w = weights(factor.eigenvalues)
     scale = scale_to(factor.trace, jnp.sum(w))
-    z = jax.random.normal(key, (k,), factor.eigenvalues.dtype)
-    coef = jnp.sqrt(scale * w) * z
+    xi = normal_like(key, jax.tree.map(lambda v: v[0], factor.eigenvectors))
+    along = sum(jnp.tensordot(v.reshape(k, -1), x.reshape(-1), axes=1)
+                for v, x in zip(jax.tree.leaves(factor.eigenvectors),
+                                jax.tree.leaves(xi)))
+    coef = jnp.sqrt(scale * w) * along
     return jax.tree.map(
         lambda v: jnp.tensordot(coef.astype(v.dtype), v, axes=1),
         factor.eigenvectors,

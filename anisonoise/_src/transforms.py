@@ -43,6 +43,18 @@ to fix a stream whatever else the program builds. The state's
 ``rng_key`` holds the raw key data (``jax.random.key_data``) so that a
 state is plain arrays for ``flax.serialization`` and orbax.
 
+Layouts: the same key gives the same noise on one device, on a device
+mesh and across processes (``jax.distributed``), to the rounding of the
+reordered sums. The low-rank noises draw ``xi ~ N(0, I_D)`` in the full
+space and add ``U diag(sqrt(s w)) U^T xi`` (covariance ``s U diag(w)
+U^T``): the draw does not depend on the signs the solve gave the cached
+eigenvectors, nor on how it turned them inside a cluster of equal
+eigenvalues. It does depend on the top-k *space*, which rounding can move
+only where ``lambda_k`` is close to ``lambda_{k+1}`` (compare
+``state.eigenvalues[-1]`` with the ``k+1``-th eigenvalue of
+:func:`anisonoise.hessian_spectrum`), or where a refresh's stopping rule
+(``tol``) sits at its threshold on one layout and not on another.
+
 Seeds under ``jax.vmap``: mapping a jitted step over the states of several
 seeds keeps the refresh a ``lax.cond`` (its predicate is reduced over the
 seeds, and seeds not due keep their factor), so S seeds cost about S
