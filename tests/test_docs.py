@@ -1,6 +1,7 @@
 """The documentation covers the public API (as optax checks its API docs)."""
 
 import inspect
+import json
 import os
 import posixpath
 import re
@@ -15,6 +16,7 @@ import anisonoise.models
 import anisonoise.plotting
 
 DOCS = os.path.join(os.path.dirname(__file__), "..", "docs")
+ROOT = os.path.join(os.path.dirname(__file__), "..")
 
 
 def test_every_public_name_has_a_reference_entry():
@@ -72,6 +74,17 @@ def test_built_site_documents_every_public_name(tmp_path):
                      for name in _public_names(module)
                      if f"{module.__name__}.{name}" not in documented)
     assert not missing, f"not rendered in the API reference: {missing}"
+  # The quick study's page shows the committed results.json's numbers,
+  # rendered by the study's own code.
+  page = (out / "results" / "fmnist_quick.html").read_text()
+  with open(os.path.join(ROOT, "examples", "results", "fmnist_quick",
+                         "results.json")) as f:
+    summary = json.load(f)
+  assert f"test accuracy {summary['gd'][-1]['test_acc']:.4f}" in page
+  assert page.count("below half of the corrupted subset from step") == 5
+  # The scale page's many-hosts section, with its measured table.
+  scale = (out / "scale.html").read_text()
+  assert "Many hosts" in scale and "jax.distributed" in scale
 
 
 def test_readme_training_loop_runs(tmp_path):

@@ -67,6 +67,24 @@ def test_checkpoint_roundtrip_with_prng_keys(tmp_path):
                               state))
 
 
+def test_a_checkpoint_of_an_earlier_noise_says_what_wrote_it(capsys):
+  """A GLD leading checkpoint of the committed long runs, written by an
+  earlier noise state: refused with what wrote it and what to do; one of
+  today's shapes without the revision resumes with a note."""
+  path = os.path.join(EXAMPLES, "results", "fmnist_long", "low_rank_2000",
+                      "seed1", "checkpoints", "dyn_gld_leading.msgpack")
+  cfg = configs.PRESETS["fashion_mnist"]["long"]
+  params, _, _ = models.create(cfg, 1)
+  tx = fm.make_tx("GLD leading", cfg, 1)
+  with pytest.raises(fm.ConfigMismatch,
+                     match="earlier anisonoise.*--restart.*git log"):
+    fm.load_checkpoint(path, (params, tx.init(params)))
+  fm._check_revision(path, {"t": 10})
+  assert "earlier anisonoise" in capsys.readouterr().err
+  fm._check_revision(path, {"t": 10, "noise": fm.NOISE_REVISION})
+  assert capsys.readouterr().err == ""
+
+
 def test_unknown_dynamics_is_refused(tmp_path, data_dir):
   cfg = dataclasses.replace(TINY, dynamics=("GD", "Adam"))
   with pytest.raises(ValueError, match="unknown dynamics"):

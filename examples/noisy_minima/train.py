@@ -166,6 +166,26 @@ def sgd_step(loss_fn, tx, m, n, seed):
 # --------------------------------------------------------------------------
 
 
+# What drew the low-rank noises of a checkpoint's run, stored in its
+# record. Checkpoints without it were written before the refreshes solved
+# for the top-k subspace and drew in the full space: those whose states
+# still have today's shapes load, and the run goes on with the same noise
+# distribution but not the draws a fresh run makes (a note says so);
+# those of older states are refused, with what wrote them and what to do.
+NOISE_REVISION = "subspace solve, full-space draw"
+
+
+def _check_revision(path: str, record: dict) -> None:
+  """Says so when a checkpoint's run drew its noise another way."""
+  wrote = record.get("noise", "Lanczos refreshes, draws in the eigenbasis")
+  if wrote != NOISE_REVISION:
+    print(f"note: {path} was written by an earlier anisonoise ({wrote});"
+          f" this run goes on with the current one ({NOISE_REVISION}): the"
+          " same noise distribution, not the draws of an uninterrupted run"
+          " of either. Pass --restart for a run of one version.",
+          file=sys.stderr)
+
+
 def _to_storable(tree) -> list[np.ndarray]:
   out = []
   for leaf in jax.tree.leaves(tree):
@@ -213,7 +233,18 @@ def load_checkpoint(path: str, template):
   leaves = raw["leaves"]
   if isinstance(leaves, dict):  # msgpack may return lists as indexed dicts
     leaves = [leaves[str(i)] for i in range(len(leaves))]
-  return _from_storable(template, leaves), json.loads(raw["record"])
+  record = json.loads(raw["record"])
+  try:
+    return _from_storable(template, leaves), record
+  except ConfigMismatch as e:
+    if "t" not in record or "noise" in record:
+      raise
+    raise ConfigMismatch(
+        f"{path} was written by an earlier anisonoise (Lanczos refreshes,"
+        f" draws in the eigenbasis), whose noise state this version cannot"
+        f" read ({e}). Pass --restart to run afresh (results.json keeps"
+        " the earlier run's numbers until then), or resume it with the"
+        f" commit that wrote it (git log -1 -- {path}).") from None
 
 
 def _on_checkpoint(path: str) -> None:
@@ -342,11 +373,13 @@ def _run_phase(
           f"{path} was written by a run with different settings; use another"
           " --out or pass --restart to discard it.")
     t, history = record["t"], record["history"]
+    _check_revision(path, record)
     bar.update(t)
   if t == 0 and not history:
     history.append(evaluate(carry, 0))
     save_checkpoint(path, carry, {"config": config, "t": 0,
-                                  "history": history})
+                                  "history": history,
+                                  "noise": NOISE_REVISION})
   # One scan length for the whole phase (one compilation): the largest
   # common divisor of the segments, at most SCAN_CHUNK.
   chunk = functools.reduce(math.gcd, np.diff([0, *points]).tolist(), 0) or 1
@@ -367,7 +400,8 @@ def _run_phase(
     bar.set_postfix({k: f"{history[-1][k]:.3g}" for k in
                      ("train_acc", "test_acc") if k in history[-1]})
     save_checkpoint(path, carry, {"config": config, "t": t,
-                                  "history": history})
+                                  "history": history,
+                                  "noise": NOISE_REVISION})
   return carry, history
 
 
@@ -781,6 +815,53 @@ def markdown_table(summary: dict) -> str:
               f"{r['sharpness']:.4g} +- {r['sharpness_sem']:.2g}"]
     rows.append("| " + " | ".join(cells) + " |")
   return "\n".join(rows)
+
+
+def escape_summary(summary: dict) -> str:
+  """What a results page says of a study's escape from the starting point,
+  in markdown, from its ``results.json`` alone: each dynamics' first
+  evaluation with less than half of the corrupted subset fitted and its
+  sharpness against the start's; the spectrum at the start; the
+  SGD-trajectory diagnostics (Figs. 5 and 7)."""
+  start = plots.start_point(summary)
+  first = summary["gd"][-1]
+  lines = [f"- {start}: training loss {first['train_loss']:.2g}, train"
+           f" accuracy {first['train_acc']:.3f}, test accuracy"
+           f" {first['test_acc']:.4f}, expected sharpness"
+           f" {first['sharpness']:.3g} ± {first['sharpness_sem']:.1g}."]
+  for name, rows in summary["dynamics"].items():
+    left = [r["step"] for r in rows if r.get("train_acc_corrupted", 1) < 0.5]
+    end = summary["table"][name]
+    fall = first["sharpness"] / end["sharpness"]
+    lines.append(
+        f"- {name}: " + (f"below half of the corrupted subset from step"
+                         f" {left[0]}" if left else "keeps the corrupted"
+                         " subset fitted")
+        + f"; sharpness {end['sharpness']:.3g} ± {end['sharpness_sem']:.1g}"
+        f" after {end.get('steps', summary['config']['steps'])} steps,"
+        f" {start}'s over it {fall:.2f}.")
+  spec = summary.get("spectrum") or {}
+  if spec.get("eigenvalues"):
+    ev = np.asarray(spec["eigenvalues"])
+    below = np.flatnonzero(ev < 0.01 * ev[0])
+    lines.append(
+        f"- Spectrum at {start}: top {len(ev)} Hessian eigenvalues"
+        f" ({spec['num_matvecs']} products, "
+        + ("converged" if spec["converged"] else "not converged")
+        + f"); lambda_1 = {ev[0]:.3g}; the first below 1%"
+        " of it: " + (f"the {below[0] + 1}th." if below.size else "none."))
+  diag = [r for r in summary["dynamics"].get("SGD", [])
+          if "tr_h_sigma" in r]
+  if diag:
+    lines.append("- Along SGD, step: Tr(H Sigma) / Tr(H Sigma_bar);"
+                 " projection coefficient; expected noise norm over the"
+                 " mean-gradient norm: " + "; ".join(
+                     f"{r['step']}:"
+                     f" {r['tr_h_sigma'] / r['tr_h_sigma_bar']:.3g},"
+                     f" {r['projection_coefficient']:.2g},"
+                     f" {r['noise_norm'] / r['grad_norm']:.2g}"
+                     for r in diag) + ".")
+  return "\n".join(lines)
 
 
 def _mean_sem(values) -> tuple[float, float]:
