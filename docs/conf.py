@@ -239,6 +239,10 @@ _BENCHMARK_SECTIONS = {
          " by tol"),
         ("block_products", "A block of 20 Hessian products: one at a time,"
          " lax.map, vmap"),
+        ("warm_vs_cold_lenet5", "A warm start against a cold solve along a"
+         " run: LeNet-5 with nnx.Conv"),
+        ("study_steps_long", "The Fashion-MNIST study's long runs: 100 steps"
+         " of GLD leading and GLD Hessian from theta_GD"),
     ],
     "step_cost": [
         ("step_cost_lenet", "LeNet, every dynamics, refresh 1 and 10"),
@@ -310,7 +314,8 @@ def _benchmark_table(name: str) -> str:
   module = next((m for m in ("step_cost", "peers", "memory", "scaling",
                              "scale", "warm_start", "trace_estimators",
                              "trajectory", "block_products",
-                             "multi_process")
+                             "multi_process", "study_steps",
+                             "warm_vs_cold")
                  if stem == m or stem.startswith(m + "_")), None)
   if module is not None:
     return importlib.import_module(module).markdown(res)
@@ -349,6 +354,8 @@ _STUDY_TABLES = {
                       "examples/results/fig4/fig4.json"),
     "fmnist_quick_summary.md": ("train.escape_summary",
                                 "examples/results/fmnist_quick/results.json"),
+    "study_steps_long.md": ("study_steps.markdown",
+                            "benchmarks/results/study_steps_long.json"),
 }
 
 
@@ -358,8 +365,8 @@ def _study_table(module: str, result: str) -> str:
   path = os.path.join(ROOT, result)
   if not os.path.exists(path):
     return f"*Not committed yet: run the command above to write `{result}`.*\n"
-  sys.path.insert(0, os.path.join(ROOT, "examples"))
-  sys.path.insert(0, os.path.join(ROOT, "examples", "noisy_minima"))
+  for folder in ("benchmarks", "examples", "examples/noisy_minima"):
+    sys.path.insert(0, os.path.join(ROOT, folder))
   with open(path) as f:
     summary = json.load(f)
   module, _, function = module.partition(".")

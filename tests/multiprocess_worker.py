@@ -378,7 +378,8 @@ def all_reduce_bytes(hlo: str) -> int:
   for line in hlo.splitlines():
     if " all-reduce(" not in line and " all-reduce-start(" not in line:
       continue
-    result = line.split("all-reduce")[0].split("=", 1)[-1]
+    # "%all-reduce.3 = (f32[32]{0}, f32[5,32]{1,0}) all-reduce(...)"
+    result = line.split("=", 1)[-1].split(" all-reduce")[0]
     shapes = re.findall(r"(f64|f32|bf16|f16|s32|u32|pred)\[([\d,]*)\]",
                         result)
     for dtype, dims in shapes:

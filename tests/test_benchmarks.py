@@ -181,3 +181,43 @@ def test_gpu_check_script_runs_the_benchmarks_it_names():
   usage = subprocess.run(["bash", script], capture_output=True, text=True,
                          check=False)
   assert usage.returncode != 0 and "usage" in usage.stderr
+
+
+def test_study_steps_runs_the_study_as_its_long_preset_does(tmp_path,
+                                                            monkeypatch):
+  """``study_steps.py`` on the tiny preset (fake IDX files, theta_GD a
+  tiny run would start from): one row per dynamics, products counted."""
+  import study_steps
+  from conftest import write_fake_split
+
+  import train
+  import models
+  import configs
+
+  data = tmp_path / "data"
+  write_fake_split(data, "train", 60, seed=1)
+  write_fake_split(data, "test", 120, seed=2)
+  monkeypatch.setenv("ANISONOISE_FASHION_MNIST_DIR", str(data))
+  cfg = configs.PRESETS["fashion_mnist"]["tiny"]
+  assert study_steps.scan_length(cfg) == 2
+  theta = str(tmp_path / "theta_gd.msgpack")
+  train.save_checkpoint(theta, models.create(cfg, 0)[0], {})
+  _run(study_steps, monkeypatch, theta, "--preset", "tiny", "--steps", "4",
+       "--out", str(tmp_path))
+  res = json.load(open(tmp_path / "study_steps_tiny.json"))
+  assert list(res["dynamics"]) == ["GD", "GLD leading", "GLD Hessian"]
+  assert res["dynamics"]["GLD Hessian"]["num_matvecs"] > 0
+  assert "min per 1,000 steps" in study_steps.markdown(res)
+
+
+def test_multi_process_table():
+  """``multi_process.py``'s table from a record of the worker's fields."""
+  import multi_process
+  row = {"devices": 2, "processes": 1, "hessian_noise_step_s": 0.5,
+         "gd_step_s": 0.1, "hessian_spectrum_s": 2.0, "num_params": 11330,
+         "all_reduce_bytes_gradient": 45320, "all_reduce_bytes_hvp": 45320}
+  res = {"environment": {"backend": "cpu", "cpu_count": 2, "jax": "0"},
+         "layouts": {"1 process x 2 devices": row,
+                     "2 processes x 1 device": dict(row, gd_step_s=0.2)}}
+  table = multi_process.markdown(res)
+  assert "| ratio | 2.00 | 1.00 |" in table and "45,320 bytes" in table
