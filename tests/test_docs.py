@@ -85,6 +85,7 @@ def test_built_site_documents_every_public_name(tmp_path):
   # The scale page's many-hosts section, with its measured table.
   scale = (out / "scale.html").read_text()
   assert "Many hosts" in scale and "jax.distributed" in scale
+  assert "2 processes x 1 device" in scale and "bytes" in scale
 
 
 def test_readme_training_loop_runs(tmp_path):
