@@ -195,6 +195,7 @@ def test_study_steps_runs_the_study_as_its_long_preset_does(tmp_path,
   import configs
 
   data = tmp_path / "data"
+  data.mkdir()
   write_fake_split(data, "train", 60, seed=1)
   write_fake_split(data, "test", 120, seed=2)
   monkeypatch.setenv("ANISONOISE_FASHION_MNIST_DIR", str(data))
