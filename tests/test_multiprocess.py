@@ -60,11 +60,6 @@ def test_two_processes_equal_one_device(results):
           "escape_indicator/eager"} <= set(cases)
 
 
-def test_a_stream_each_process_reads_its_own_rows_of(results):
-  """``Batches`` of global batches, each process giving its rows."""
-  assert results["hessian_spectrum/batches"]["rel_diff"] <= ROUNDING
-
-
 def test_an_orbax_checkpoint_resumes_across_processes(results):
   """Saved by both processes, restored onto the same shardings: the next
   step (a warm-started refresh) equals the uninterrupted one exactly."""
