@@ -196,3 +196,26 @@ def test_products_it_cannot_stage_fall_back(monkeypatch):
   check(Unhashable(), False)
   monkeypatch.setattr(staging, "staged", refuse)
   check(lambda p, b: loss_fn(p, b), False)
+
+
+def test_the_plain_conv_lenet_product_is_staged_on_cpu():
+  """What the staging relies on still holds on this JAX: the benchmarks'
+  LeNet written with ``lax.conv`` and ``max_pool`` gets the staged product
+  (not the ``jax.linearize`` fallback), with its 9 rewrites (weight-
+  gradient convolutions, max-pool gradients, kernels' order). A JAX
+  upgrade that changes the jaxprs fails here, loudly, rather than making
+  every product slower unseen."""
+  import os
+  import sys
+  sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..",
+                                  "benchmarks"))
+  from _common import lenet_problem
+
+  if jax.default_backend() != "cpu":
+    pytest.skip("the rewrites are the CPU's")
+  loss_fn, params, batch = lenet_problem(16, plain_conv=True)
+  op = anisonoise.hessian_operator(loss_fn, params, batch)
+  assert getattr(op.func, "func", None) is staging._run
+  _, info = staging.staged(curvature._linearize(loss_fn, params, batch),
+                           params)
+  assert info["rewrites"] == 9, info
