@@ -14,14 +14,11 @@ share the data, the model and the GD phase).
 from __future__ import annotations
 
 import argparse
-import functools
-import math
 import os
 import sys
 import time
 
 import jax
-import numpy as np
 
 from _common import environment, write_results
 
@@ -36,13 +33,10 @@ DYNAMICS = ("GLD leading", "GLD Hessian")
 
 
 def scan_length(cfg) -> int:
-  """The steps per jitted call of the study's dynamics phase
-  (``train._run_phase``'s rule)."""
-  points = train.schedule(cfg.steps, cfg.eval_every, cfg.early_steps,
-                          cfg.early_eval_every)
-  chunk = functools.reduce(math.gcd, np.diff([0, *points]).tolist(), 0) or 1
-  return max(d for d in range(1, min(chunk, train.SCAN_CHUNK) + 1)
-             if chunk % d == 0)
+  """The steps per jitted call of the study's dynamics phase."""
+  return train.scan_length(train.schedule(cfg.steps, cfg.eval_every,
+                                          cfg.early_steps,
+                                          cfg.early_eval_every))
 
 
 def markdown(res: dict) -> str:

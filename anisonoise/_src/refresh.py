@@ -551,9 +551,8 @@ def low_rank_transform(
     w = weights(factor.eigenvalues)
     scale = scale_to(factor.trace, jnp.sum(w))
     xi = normal_like(key, jax.tree.map(lambda v: v[0], factor.eigenvectors))
-    along = sum(jnp.tensordot(v.reshape(k, -1), x.reshape(-1), axes=1)
-                for v, x in zip(jax.tree.leaves(factor.eigenvectors),
-                                jax.tree.leaves(xi)))
+    along = jax.vmap(lambda u: optax.tree_utils.tree_vdot(u, xi))(
+        factor.eigenvectors)
     coef = jnp.sqrt(scale * w) * along
     return jax.tree.map(
         lambda v: jnp.tensordot(coef.astype(v.dtype), v, axes=1),

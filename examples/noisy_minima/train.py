@@ -173,11 +173,13 @@ def sgd_step(loss_fn, tx, m, n, seed):
 # distribution but not the draws a fresh run makes (a note says so);
 # those of older states are refused, with what wrote them and what to do.
 NOISE_REVISION = "subspace solve, full-space draw"
+# What wrote a checkpoint whose record has no revision.
+EARLIER_NOISE = "Lanczos refreshes, draws in the eigenbasis"
 
 
 def _check_revision(path: str, record: dict) -> None:
   """Says so when a checkpoint's run drew its noise another way."""
-  wrote = record.get("noise", "Lanczos refreshes, draws in the eigenbasis")
+  wrote = record.get("noise", EARLIER_NOISE)
   if wrote != NOISE_REVISION:
     print(f"note: {path} was written by an earlier anisonoise ({wrote});"
           f" this run goes on with the current one ({NOISE_REVISION}): the"
@@ -240,8 +242,8 @@ def load_checkpoint(path: str, template):
     if "t" not in record or "noise" in record:
       raise
     raise ConfigMismatch(
-        f"{path} was written by an earlier anisonoise (Lanczos refreshes,"
-        f" draws in the eigenbasis), whose noise state this version cannot"
+        f"{path} was written by an earlier anisonoise ({EARLIER_NOISE}),"
+        f" whose noise state this version cannot"
         f" read ({e}). Pass --restart to run afresh (results.json keeps"
         " the earlier run's numbers until then), or resume it with the"
         f" commit that wrote it (git log -1 -- {path}).") from None
@@ -354,6 +356,15 @@ def schedule(total: int, every: int, early: int = 0,
   return sorted(p for p in pts if p >= 1)
 
 
+def scan_length(points: list[int]) -> int:
+  """Steps per jitted call of a phase evaluated at ``points``: one scan
+  length for the whole phase (one compilation), the largest divisor of
+  every segment that is at most :data:`SCAN_CHUNK`."""
+  chunk = functools.reduce(math.gcd, np.diff([0, *points]).tolist(), 0) or 1
+  return max(d for d in range(1, min(chunk, SCAN_CHUNK) + 1)
+             if chunk % d == 0)
+
+
 def _run_phase(
     name: str, path: str, config: dict, carry, advance: Callable,
     total: int, points: list[int], evaluate: Callable, bar,
@@ -380,11 +391,7 @@ def _run_phase(
     save_checkpoint(path, carry, {"config": config, "t": 0,
                                   "history": history,
                                   "noise": NOISE_REVISION})
-  # One scan length for the whole phase (one compilation): the largest
-  # common divisor of the segments, at most SCAN_CHUNK.
-  chunk = functools.reduce(math.gcd, np.diff([0, *points]).tolist(), 0) or 1
-  chunk = max(d for d in range(1, min(chunk, SCAN_CHUNK) + 1)
-              if chunk % d == 0)
+  chunk = scan_length(points)
   for p in points:
     if p <= t:
       continue
