@@ -7,6 +7,8 @@ Hessian products, Lanczos) never forms a ``D x D`` matrix.
 
 from anisonoise._src.batching import map_chunks
 from anisonoise._src.batching import num_examples
+from anisonoise._src.blocks import param_block
+from anisonoise._src.blocks import param_blocks
 from anisonoise._src.covariance import covariance_diagonal
 from anisonoise._src.covariance import covariance_operator
 from anisonoise._src.covariance import covariance_trace
@@ -117,6 +119,8 @@ __all__ = (
     "nnx_loss",
     "num_examples",
     "ou_escape_efficiency",
+    "param_block",
+    "param_blocks",
     "per_example_grads",
     "projection_coefficient",
     "sample_sgd_noise",

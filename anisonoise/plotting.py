@@ -1,4 +1,4 @@
-"""Matplotlib helpers for the spectral diagnostics."""
+"""Matplotlib helpers for the spectral and per-block diagnostics."""
 
 from __future__ import annotations
 
@@ -59,3 +59,40 @@ def plot_spectral_density(density, ax=None, *, label=None, logy=True):
   dens = np.asarray(density.density)
   ax.plot(grid, np.maximum(dens, 1e-12) if logy else dens, label=label)
   return _finish(ax, "eigenvalue", "density", label, logy)
+
+
+def plot_blocks(values, ax=None, *, label=None, logy=False, ylabel="value",
+                width=0.8, offset=0.0):
+  """Bars of one quantity per block of the parameters (per layer).
+
+  Args:
+    values: ``{block name: value}``, in the order to draw (e.g. each
+      block's top Hessian eigenvalue or ``Tr(H Sigma)`` from
+      :func:`anisonoise.param_block` and :func:`anisonoise.param_blocks`).
+    ax: a matplotlib ``Axes``; a new figure's axes when ``None``.
+    label: legend label.
+    logy: logarithmic y axis.
+    ylabel: the quantity's name.
+    width: bar width; with ``offset``, several quantities or times side by
+      side (e.g. ``width=0.4, offset=+-0.2``).
+    offset: shift of the bars from the block positions.
+
+  Returns:
+    The ``Axes``.
+
+  Example:
+    >>> import matplotlib
+    >>> matplotlib.use("Agg")
+    >>> from anisonoise.plotting import plot_blocks
+    >>> ax = plot_blocks({"embed": 0.5, "blocks/0": 2.0, "head": 1.0},
+    ...                  ylabel="top Hessian eigenvalue")
+    >>> [t.get_text() for t in ax.get_xticklabels()]
+    ['embed', 'blocks/0', 'head']
+  """
+  ax = _axes(ax)
+  names = list(values)
+  vals = np.asarray([float(values[n]) for n in names])
+  pos = np.arange(len(names))
+  ax.bar(pos + offset, vals, width=width, label=label)
+  ax.set_xticks(pos, names, rotation=30, ha="right")
+  return _finish(ax, "block", ylabel, label, logy)

@@ -174,12 +174,16 @@ PROBLEMS = {"linear": linear_problem, "logistic": logistic_problem,
 def dense_reference(loss_fn, params, batch):
   """(G, gbar, C, H) formed explicitly on the raveled params."""
   flat, unravel = ravel_pytree(params)
-  losses = lambda f: loss_fn(unravel(f), batch)  # noqa: E731
-  g = np.asarray(jax.jacrev(losses)(flat))
+  losses = lambda f, b: loss_fn(unravel(f), b)  # noqa: E731
+  # Jitted, with the batch an argument: eagerly each operation of the
+  # Jacobian and the Hessian is dispatched on its own (a transformer's
+  # took 24 s against 3 s jitted).
+  g = np.asarray(jax.jit(jax.jacrev(losses))(flat, batch))
   gbar = g.mean(0)
   gc = g - gbar
   c = gc.T @ gc / g.shape[0]
-  h = np.asarray(jax.hessian(lambda f: jnp.mean(losses(f)))(flat))
+  h = np.asarray(jax.jit(jax.hessian(
+      lambda f, b: jnp.mean(losses(f, b))))(flat, batch))
   return g, gbar, c, h
 
 
