@@ -169,6 +169,7 @@ def covariance_diagonal(
       z = jax.random.rademacher(k, (n,), dtype)
       return jax.tree.map(jnp.square, transposed(z - jnp.mean(z)))
 
+    assert key is not None  # check_method refused method="hutchinson" without
     squares = estimators.map_probes(probe, jax.random.split(key, num_probes),
                                     batch)
     return jax.tree.map(lambda x: jnp.mean(x, axis=0) / n, squares)
@@ -263,6 +264,7 @@ def covariance_trace(
   batching.check_chunk_size(chunk_size)
   sums.check_data(loss_fn, params, batch, "covariance_trace")
   form = quadratic_form(loss_fn, params, batch, chunk_size=chunk_size)
+  assert key is not None  # check_method refused method="hutchinson" without
   if deflate is None:
     return estimators.hutchinson(form, params, key, num_probes, batch).mean
   if in_span is None:

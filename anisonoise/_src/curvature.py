@@ -350,7 +350,7 @@ def _eager_operator(mv, carry) -> bool:
                   and _is_concrete(x) for x in jax.tree.leaves(mv)))
 
 
-_last_eager_operator = []
+_last_eager_operator: list = []
 
 
 def _hold_one_operator(mv) -> None:
@@ -367,7 +367,7 @@ def _hold_one_operator(mv) -> None:
   if _last_eager_operator != [tree]:
     for fn in (_jit_krylov_chunk, _jit_grow_chunk, _jit_apply,
                _jit_subspace_chunk, _jit_apply_rows):
-      fn.clear_cache()
+      fn.clear_cache()  # type: ignore[attr-defined]  # jit's, untyped
     _last_eager_operator[:] = [tree]
 
 
@@ -462,6 +462,7 @@ def flat_operator(matvec: Matvec, like: Params):
   apply = _flat_apply_for(treedef, tuple(
       (tuple(jnp.shape(x)), jnp.result_type(x)) for x in leaves),
       jnp.dtype(in_dtype), jnp.dtype(dtype))
+  mv: Callable
   if isinstance(matvec, jax.tree_util.Partial):
     mv = jax.tree_util.Partial(apply, matvec)
   else:

@@ -18,6 +18,7 @@ import math
 from typing import NamedTuple
 
 import jax
+from jax.typing import ArrayLike
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -143,6 +144,7 @@ def escape_indicator(
     eps = draw(k)
     return optax.tree_utils.tree_vdot(eps, h_op(eps))
 
+  assert key is not None  # check_method refused method="stochastic" without
   samples = estimators.map_probes(one, jax.random.split(key, num_samples),
                                   batch)
   return estimators.mean_and_sem(samples)
@@ -199,6 +201,7 @@ def hessian_trace(
   def quad(v):
     return jnp.vdot(ravel_pytree(v)[0], ravel_pytree(h_op(v))[0])
 
+  assert key is not None  # check_method refused method="hutchinson" without
   return estimators.hutchinson(quad, params, key, num_probes, batch)
 
 
@@ -292,7 +295,7 @@ def isotropic_escape_indicator(
   return tr_sigma * tr_h / batching.num_params(params)
 
 
-def escape_ratio(h: jax.Array, sigma: jax.Array) -> jax.Array:
+def escape_ratio(h: ArrayLike, sigma: ArrayLike) -> jax.Array:
   """Proposition 1's ratio ``Tr(H Sigma) / Tr(H Sigma_bar)`` for matrices.
 
   .. math::
@@ -316,9 +319,9 @@ def escape_ratio(h: jax.Array, sigma: jax.Array) -> jax.Array:
   References:
     Zhu et al., ICML 2019, Proposition 1 (Eq. 17).
   """
-  h, sigma = _check_pair(h, sigma)
-  d = h.shape[0]
-  return d * jnp.sum(h * sigma) / (jnp.trace(h) * jnp.trace(sigma))
+  hm, sm = _check_pair(h, sigma)
+  d = hm.shape[0]
+  return d * jnp.sum(hm * sm) / (jnp.trace(hm) * jnp.trace(sm))
 
 
 # --------------------------------------------------------------------------
@@ -728,9 +731,10 @@ def spectral_density(
 # --------------------------------------------------------------------------
 
 
-def _check_pair(h, sigma):
-  h = jnp.asarray(h)
-  sigma = jnp.asarray(sigma)
+def _check_pair(h_in: ArrayLike, sigma_in: ArrayLike,
+                ) -> tuple[jax.Array, jax.Array]:
+  h = jnp.asarray(h_in)
+  sigma = jnp.asarray(sigma_in)
   for name, a in (("H", h), ("Sigma", sigma)):
     if a.ndim != 2 or a.shape[0] != a.shape[1]:
       raise ValueError(f"{name} must be a square matrix, got shape {a.shape}.")
@@ -757,7 +761,7 @@ class OUEscapeEfficiency(NamedTuple):
 
 
 def ou_escape_efficiency(
-    h: jax.Array, sigma: jax.Array, t: jax.Array | float
+    h: ArrayLike, sigma: ArrayLike, t: ArrayLike
 ) -> OUEscapeEfficiency:
   """Escape efficiency of the Ornstein-Uhlenbeck process (paper Eq. 13).
 
@@ -787,11 +791,11 @@ def ou_escape_efficiency(
   References:
     Zhu et al., ICML 2019, Eq. 13 and App. A.2.
   """
-  h, sigma = _check_pair(h, sigma)
-  t = jnp.asarray(t, dtype=h.dtype)
-  lam, u = jnp.linalg.eigh(h)
-  s_diag = jnp.einsum("ij,jk,ki->i", u.T, sigma, u)  # diag of U^T Sigma U
+  hm, sm = _check_pair(h, sigma)
+  t = jnp.asarray(t, dtype=hm.dtype)
+  lam, u = jnp.linalg.eigh(hm)
+  s_diag = jnp.einsum("ij,jk,ki->i", u.T, sm, u)  # diag of U^T Sigma U
   decay = -jnp.expm1(-2.0 * lam * t[..., None])
   value = 0.25 * jnp.sum(decay * s_diag, axis=-1)
-  small = 0.5 * t * jnp.sum(h * sigma)
+  small = 0.5 * t * jnp.sum(hm * sm)
   return OUEscapeEfficiency(value, small)

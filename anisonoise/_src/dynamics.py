@@ -39,7 +39,7 @@ def _msgd(weights: str, centred: bool, sub_batch: bool) -> Callable[
     return family.multiplicative_noise(weights, centred=centred, **settings)
 
   params = inspect.signature(family.multiplicative_noise).parameters
-  row.__signature__ = inspect.Signature([
+  row.__signature__ = inspect.Signature([  # type: ignore[attr-defined]  # read by inspect.signature
       p for name, p in params.items()
       if name not in ("weights", "centred")
       and (sub_batch or name != "estimation_size")])
@@ -52,7 +52,8 @@ def _anti_pgd(std, **settings):
                                                                 **settings))
 
 
-_anti_pgd.__signature__ = inspect.signature(transforms.isotropic_noise)
+_anti_pgd.__signature__ = inspect.signature(  # type: ignore[attr-defined]  # read by inspect.signature
+    transforms.isotropic_noise)
 
 
 # ``None``: no noise transform (GD; SGD, whose noise is the minibatch's).

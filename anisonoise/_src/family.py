@@ -327,6 +327,7 @@ def multiplicative_noise(
       v = v - jnp.mean(v)
     eps = covariance.jacobian_transpose(loss_fn, params, batch,
                                         chunk_size=chunk_size)(v)
+    s: jax.Array | float
     if trace is None:
       s = correction * covariance.sgd_scale(n, m, replacement)
     else:

@@ -84,7 +84,9 @@ def _bind(eqn, values):
 def _inline(closed) -> tuple[list, list, dict]:
   """The equations of ``closed`` with calls (``jit``) inlined: returns the
   equations, the output atoms and the inlined calls' constants."""
-  eqns, alias, consts = [], {}, {}
+  eqns: list = []
+  alias: dict = {}
+  consts: dict = {}
 
   def resolve(a):
     while _is_var(a) and a in alias:
@@ -298,7 +300,7 @@ def _window_mask(x, window):
   y = jnp.transpose(_windows(x, window), perm)
   flat = y.reshape(y.shape[:nd] + (-1,))
   hot = jax.nn.one_hot(jnp.argmax(flat, -1), flat.shape[-1], dtype=bool)
-  hot = jnp.transpose(hot.reshape(y.shape), np.argsort(perm))
+  hot = jnp.transpose(hot.reshape(y.shape), np.argsort(perm).tolist())
   whole = [(n // w) * w for n, w in zip(x.shape, window)]
   return jnp.pad(hot.reshape(whole),
                  [(0, n - c) for n, c in zip(x.shape, whole)])
@@ -367,7 +369,11 @@ def staged(linear_fn: Callable, like: Any, *, patches: bool | None = None
   def read(a):
     return a.val if not _is_var(a) else env[a]
 
-  left, rewrites, extra, used, recomputed = [], {}, [], 0, set()
+  left: list = []
+  rewrites: dict[int, tuple[str, int | None, Any]] = {}
+  extra: list = []
+  used = 0
+  recomputed: set = set()
   for eqn in eqns:
     if eqn.effects:
       raise NotImplementedError("an effect in the product")
@@ -380,7 +386,7 @@ def staged(linear_fn: Callable, like: Any, *, patches: bool | None = None
         recomputed.update(eqn.outvars)
       continue
     name = eqn.primitive.name
-    plan = None
+    plan: Any = None
     if (name == "conv_general_dilated" and fixed(eqn.invars[0])
         and not fixed(eqn.invars[1]) and _is_weight_gradient(eqn)):
       plan = _conv_plan(eqn)

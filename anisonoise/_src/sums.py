@@ -130,6 +130,7 @@ class Batches:
     if self._sizes is None:
       for _ in self:
         pass
+    assert self._sizes is not None  # the pass records them
     return list(self._sizes)
 
   @property

@@ -150,7 +150,7 @@ def nnx_loss(model: nnx.Module,
         f"nnx_loss: model must be an nnx.Module, got {type(model).__name__};"
         " for a params pytree, pass loss_fn(params, batch) to the transform"
         " directly.")
-  graphdef, _, rest = nnx.split(
+  graphdef, _, rest = nnx.split(  # type: ignore[misc]  # three parts for two filters
       nnx.view(model, deterministic=True, use_running_average=True,
                raise_if_not_found=False),
       nnx.Param, ...)
