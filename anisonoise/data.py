@@ -1,7 +1,10 @@
 """The paper's data sets from their standard files, validated.
 
 Fashion-MNIST (:func:`load_fashion_mnist`, and the paper's corrupted set),
-CIFAR-10 (:func:`load_cifar10`) and SVHN (:func:`load_svhn`). Every file is
+CIFAR-10 (:func:`load_cifar10`) and SVHN (:func:`load_svhn`); beyond the
+paper, a character corpus (:func:`load_fortunes`, Debian's ``fortunes``
+package) cut into sequences (:func:`encode_text`,
+:func:`text_windows`). Every file is
 checked (shapes, dtypes, label range, counts) and an error names the file and
 what is wrong; when no source has the data, the error names every way to get
 it.
@@ -510,3 +513,94 @@ def scale_colour_images(images: np.ndarray) -> np.ndarray:
   mean 0.5 and std 0.5 of ``[0, 1]`` pixels, torchvision's
   ``Normalize((0.5,) * 3, (0.5,) * 3)``); no augmentation (App. D.4)."""
   return images.astype(np.float32) / 127.5 - 1.0
+
+
+# ---------------------------------------------------------------------------
+# A character corpus
+# ---------------------------------------------------------------------------
+
+FORTUNES_DIR = "/usr/share/games/fortunes"
+FORTUNES_ENV_VAR = "ANISONOISE_FORTUNES_DIR"
+# Printable ASCII and the newline: 96 tokens; any other byte reads as "?".
+ALPHABET = "\n" + "".join(chr(c) for c in range(32, 127))
+
+
+def load_fortunes(data_dir: str | None = None) -> str:
+  """The English fortune cookies of Debian's ``fortunes`` package, as text.
+
+  ``apt-get install fortunes`` (with ``fortunes-min``) puts 2.6 MB of
+  plain-text cookie files (``art``, ``computers``, ``literature``,
+  ``science``, ...; each cookie ended by a line ``%``) in
+  ``/usr/share/games/fortunes``. They are read in sorted file order, the
+  ``%`` lines and the index files (``.dat``, and the ``.u8`` links)
+  dropped, and joined by newlines. Nothing is downloaded.
+
+  Args:
+    data_dir: the directory of the cookie files (default
+      ``$ANISONOISE_FORTUNES_DIR``, else ``/usr/share/games/fortunes``).
+
+  Returns:
+    The corpus, one string.
+
+  Raises:
+    DataError: when the directory holds no cookie file, saying how to
+      install them.
+  """
+  where = data_dir or os.environ.get(FORTUNES_ENV_VAR) or FORTUNES_DIR
+  names = sorted(
+      n for n in (os.listdir(where) if os.path.isdir(where) else [])
+      if "." not in n and not os.path.islink(os.path.join(where, n))
+      and os.path.isfile(os.path.join(where, n)))
+  if not names:
+    raise DataError(
+        f"no fortune cookie files in {where}; install Debian's package"
+        " (apt-get install fortunes) or pass data_dir (or set"
+        f" ${FORTUNES_ENV_VAR}) to a directory of plain-text files whose"
+        " entries end with a line '%'.")
+  parts = []
+  for n in names:
+    with open(os.path.join(where, n), encoding="latin-1") as f:
+      parts.append("\n".join(line for line in f.read().splitlines()
+                             if line.strip() != "%"))
+  return "\n".join(parts)
+
+
+def encode_text(text: str) -> np.ndarray:
+  """Characters as tokens of :data:`ALPHABET` (96: printable ASCII and the
+  newline; tabs read as spaces, any other character as ``?``).
+
+  Args:
+    text: a string.
+
+  Returns:
+    ``(len(text),)`` ``int32`` tokens in ``[0, 96)``.
+  """
+  table = np.full(256, ALPHABET.index("?"), np.int32)
+  for i, c in enumerate(ALPHABET):
+    table[ord(c)] = i
+  table[ord("\t")] = ALPHABET.index(" ")
+  codes = np.frombuffer(text.encode("latin-1", errors="replace"), np.uint8)
+  return table[codes]
+
+
+def text_windows(tokens: np.ndarray, num: int, length: int,
+                 seed: int) -> np.ndarray:
+  """``num`` windows of ``length + 1`` consecutive tokens, at distinct
+  random offsets (a window's first ``length`` tokens are a sequence, its
+  last ``length`` the next-token targets).
+
+  Args:
+    tokens: ``(N,)`` tokens.
+    num: how many windows.
+    length: sequence length ``T``.
+    seed: the offsets' seed.
+
+  Returns:
+    ``(num, length + 1)`` tokens.
+  """
+  span = len(tokens) - length
+  if num > span:
+    raise DataError(f"asked for {num} windows of {length + 1} tokens from"
+                    f" {len(tokens)} tokens.")
+  starts = np.random.default_rng(seed).choice(span, num, replace=False)
+  return tokens[starts[:, None] + np.arange(length + 1)]

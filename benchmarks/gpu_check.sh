@@ -16,9 +16,12 @@
 # LeNet, the MLP and VGG11 at n = 500), trajectory_lenet.json (100
 # consecutive steps of hessian_noise's defaults and the recommended calls
 # from initialisation: cost per step and products per refresh), a .md
-# table beside each, and fmnist_msgd_paper/ (the M-SGD study's full-length preset, where
-# the data are on the host). Each step has its own time limit, so that one slow step cannot take
-# the others with it; a step that fails leaves a note in OUT_DIR/failed.txt.
+# table beside each, fmnist_msgd_paper/ (the M-SGD study's full-length
+# preset) and fortunes_gpu/ (the character transformer's study, four times
+# the CPU preset's width), each where its data are on the host and resumable
+# (a second call goes on). Each step has its own time limit, so that one
+# slow step cannot take the others with it; a step that fails leaves a note
+# in OUT_DIR/failed.txt.
 set -uo pipefail
 out=${1:?usage: gpu_check.sh OUT_DIR}
 mkdir -p "$out"
@@ -43,7 +46,7 @@ python -c "import json, jax, _common; print(json.dumps(_common.environment()))" 
 cat "$out/env.json"
 step 75 step_cost_lenet python step_cost.py --model lenet --repeats 3 \
   --out "$out"
-step 300 scale python scale.py --n 5000 --chunk-size 250 --repeats 2 \
+step 270 scale python scale.py --n 5000 --chunk-size 250 --repeats 2 \
   --mesh --memory-chunks 1000 250 --out "$out"
 step 75 memory python memory.py --n 4096 --chunks 64 none --out "$out"
 step 60 block_products python block_products.py --problems lenet mlp --vgg \
@@ -55,10 +58,20 @@ step 90 trajectory_lenet python trajectory.py --problem lenet --start init \
 # Debian's package); resumable, so a second call goes on.
 if python -c "from anisonoise import data; data.load_fashion_mnist('test')" \
     >/dev/null 2>&1; then
-  step 90 fmnist_msgd_paper python ../examples/noisy_minima/main.py \
+  step 45 fmnist_msgd_paper python ../examples/noisy_minima/main.py \
     --dataset fashion_mnist --preset msgd_paper --out "$out/fmnist_msgd_paper"
 else
   echo "fmnist_msgd_paper: no Fashion-MNIST files on this host" \
+    >> "$out/failed.txt"
+fi
+# The fortunes study's GPU preset, where Debian's fortunes package is (or
+# $ANISONOISE_FORTUNES_DIR); --time-limit stops it cleanly, resumable.
+if python -c "from anisonoise import data; data.load_fortunes()" \
+    >/dev/null 2>&1; then
+  step 75 fortunes_gpu python ../examples/noisy_minima/main.py \
+    --dataset fortunes --preset gpu --time-limit 55 --out "$out/fortunes_gpu"
+else
+  echo "fortunes_gpu: no fortune cookie files on this host" \
     >> "$out/failed.txt"
 fi
 ls -l "$out"

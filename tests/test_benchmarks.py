@@ -168,6 +168,20 @@ def test_scale_smoke(tmp_path, monkeypatch):
   assert "| GD + SGD noise |" in open(tmp_path / "scale.md").read()
 
 
+def test_memory_on_the_transformer():
+  """``memory.py --model transformer``'s child: a CharTransformer's
+  covariance trace, in chunks, with its peak and size."""
+  import memory
+  row = memory.child("covariance_trace", 4, 8, 16, model="transformer",
+                     seq_len=8)
+  assert row["D"] == 16_448  # transformer_num_params(96, 8, 16, 4)
+  assert row["peak_bytes"] > 0 and row["value"][0] > 0
+  res = {"env": {"device": "cpu", "cpu_count": 2, "jax": "0"}, "n": 8,
+         "width": 16, "model": "transformer", "seq_len": 8, "rows": [
+             dict(row, chunk_size=4)]}
+  assert "CharTransformer (width 16, 4 blocks)" in memory.markdown(res)
+
+
 def test_gpu_check_script_runs_the_benchmarks_it_names():
   import subprocess
   here = os.path.join(os.path.dirname(__file__), "..", "benchmarks")
@@ -178,6 +192,11 @@ def test_gpu_check_script_runs_the_benchmarks_it_names():
     assert f"python {name}" in text and os.path.exists(os.path.join(here,
                                                                     name))
   assert "--preset msgd_paper" in text  # the M-SGD study at full length
+  assert "--dataset fortunes --preset gpu" in text
+  # Its steps' limits fit the 11 min 45 s it is given.
+  import re
+  limits = [int(x) for x in re.findall(r"^\s*step (\d+) ", text, re.M)]
+  assert len(limits) == 7 and sum(limits) <= 705, limits
   usage = subprocess.run(["bash", script], capture_output=True, text=True,
                          check=False)
   assert usage.returncode != 0 and "usage" in usage.stderr

@@ -297,7 +297,7 @@ def test_seeds_combine_into_mean_and_standard_error(tmp_path, tiny_run,
   assert "seeds [0, 1]" in table
   acc = summary["table"]["SGD"]["test_acc"]
   # Two seeds a and a + 0.1: mean a + 0.05, standard error 0.05.
-  assert f"| SGD | 4 | {acc + 0.05:.4f} +- 0.0500 |" in table
+  assert f"| SGD | 4 | {acc + 0.05:.4f} ± 0.0500 |" in table
   assert "Not run by every seed" not in table
   import matplotlib.image
   img = matplotlib.image.imread(os.path.join(combined, "fig3_seeds.png"))

@@ -8,7 +8,11 @@ CIFAR-10: images in [-1, 1], no augmentation (App. D.4). SVHN's split
 follows the authors' scripts by default (``svhn_split="paper"``): the first
 25,000 images of ``test_32x32.mat`` are the training set and the first
 ``num_test`` of ``train_32x32.mat`` the test set; ``"standard"`` uses the
-files as named.
+files as named. Fortunes (Debian's ``fortunes`` package): sequences of
+``seq_len`` characters at random offsets, the training ones from the
+corpus's first 90%, the test ones from its last 10%; the targets of the
+last ``num_corrupt`` training sequences are redrawn at random (the
+corrupted labels of Fashion-MNIST, one per token).
 """
 
 from __future__ import annotations
@@ -70,8 +74,39 @@ def _wu2020(cfg: Config, data_dir: str | None) -> Data:
               np.zeros(n, bool), np.asarray(tr[1], np.int32))
 
 
+def _synthetic_text(seed: int) -> str:
+  """Text of a few repeated words, for the smoke tests only (no test needs
+  the corpus)."""
+  words = ["the", "noise", "of", "gradient", "descent", "escapes",
+           "sharp", "minima", "\n"]
+  rng = np.random.default_rng(seed)
+  return " ".join(rng.choice(words, 2000))
+
+
+def _fortunes(cfg: Config, data_dir: str | None, seed: int) -> Data:
+  text = (_synthetic_text(seed) if cfg.synthetic
+          else data.load_fortunes(data_dir))
+  tokens = data.encode_text(text)
+  cut = int(0.9 * len(tokens))
+  n = cfg.num_clean + cfg.num_corrupt
+  train = data.text_windows(tokens[:cut], n, cfg.seq_len, seed)
+  test = data.text_windows(tokens[cut:], cfg.num_test, cfg.seq_len,
+                           seed + 1)
+  y_true = train[:, 1:].copy()
+  y = y_true.copy()
+  corrupted = np.arange(n) >= cfg.num_clean
+  rng = np.random.default_rng(seed + 2)
+  y[corrupted] = rng.integers(0, len(data.ALPHABET),
+                              (cfg.num_corrupt, cfg.seq_len))
+  return Data({"x": jnp.asarray(train[:, :-1]), "y": jnp.asarray(y)},
+              {"x": jnp.asarray(test[:, :-1]), "y": jnp.asarray(test[:, 1:])},
+              corrupted, y_true)
+
+
 def load(cfg: Config, data_dir: str | None, seed: int) -> Data:
   """The study's data (raises ``anisonoise.data.DataError`` when missing)."""
+  if cfg.dataset == "fortunes":
+    return _fortunes(cfg, data_dir, seed)
   if cfg.dataset == "fashion_mnist" and cfg.fmnist_split == "wu2020":
     return _wu2020(cfg, data_dir)
   if cfg.dataset == "fashion_mnist":

@@ -8,7 +8,9 @@ VGG studies' ``cpu`` are reduced runs for a 2-core CPU (docs/reproducing.md
 says what they reduce); ``tiny`` exercises every code path in seconds.
 Fashion-MNIST's ``msgd`` and ``msgd_paper`` run Wu et al.'s (ICML 2020)
 Fig. 1(a) instead: GD, SGD and the multiplicative noises from the
-initialisation, on their 1,000 images.
+initialisation, on their 1,000 images. Beyond the paper, ``--dataset
+fortunes`` runs the same protocol with a character transformer on
+Debian's fortune cookies, with the paper's quantities along the GD phase.
 
 Usage:
   python examples/noisy_minima/main.py --dataset fashion_mnist --preset quick
@@ -47,6 +49,9 @@ DATA_HELP = {
             " else TFDS svhn_cropped)",
     "cifar10": "the cifar-10-batches-py directory or its parent (default"
                f" ${data.CIFAR10_ENV_VAR}, else TFDS cifar10)",
+    "fortunes": "the fortune cookie files (default"
+                f" ${data.FORTUNES_ENV_VAR}, else {data.FORTUNES_DIR},"
+                " Debian's fortunes package)",
 }
 
 
@@ -61,7 +66,8 @@ def parse_args(argv=None, dataset_default: str | None = None):
   parser.add_argument("--preset", default=None,
                       help="fashion_mnist: paper, quick (default), long,"
                       " long_authors, msgd, msgd_paper, tiny;"
-                      " svhn / cifar10: paper, cpu (default), tiny")
+                      " svhn / cifar10: paper, cpu (default), tiny;"
+                      " fortunes: cpu (default), gpu, tiny")
   parser.add_argument("--out", default=None,
                       help="output directory (default results/<dataset>)")
   parser.add_argument("--seed", type=int, default=0)
@@ -89,7 +95,7 @@ def parse_args(argv=None, dataset_default: str | None = None):
                       " the checkpoints (the same command again resumes)")
   parser.add_argument("--combine", nargs="+", metavar="RUN_DIR",
                       help="join finished runs of one study with different"
-                      " seeds: seeds.md (mean +- standard error) and"
+                      " seeds: seeds.md (mean ± standard error) and"
                       " fig3_seeds.png into --out (a directory)")
   parser.add_argument("--collapse", type=int, default=None, metavar="STEPS",
                       help="re-run the first STEPS steps of each dynamics"

@@ -23,6 +23,9 @@ TITLES = {
     "svhn": "SVHN, VGG11 (width {vgg_width}), {num_train} training images",
     "cifar10": "CIFAR-10, VGG11 (width {vgg_width}), {num_train} training"
                " images",
+    "fortunes": "Fortunes, CharTransformer (width {tf_dim}, {tf_layers}"
+                " blocks), {num_train} sequences of {seq_len} characters,"
+                " {num_corrupt} with random targets",
 }
 
 
@@ -52,7 +55,14 @@ def _title(summary: dict) -> str:
     return (f"FashionMNIST (Wu et al.'s split), {cfg['num_train']} images,"
             f" lr {cfg['lr']}, from initialisation")
   title = TITLES[cfg["dataset"]].format(**cfg)
-  return title + " (synthetic images)" if cfg.get("synthetic") else title
+  return (title + f" (synthetic {examples(summary)})" if cfg.get("synthetic")
+          else title)
+
+
+def examples(summary: dict) -> str:
+  """What a study's examples are: images, or sequences (the fortunes)."""
+  return ("sequences" if summary["config"]["dataset"] == "fortunes"
+          else "images")
 
 
 def plot_curves(summary: dict, path: str) -> None:
@@ -282,7 +292,52 @@ def plot_seeds(summaries: list[dict], names: list[str], path: str) -> None:
   axes[1].set_ylim(max(0.0, lo - 0.05), min(1.0, max(m + ref) + 0.04))
   axes[1].set(ylabel="final test accuracy (steps run)")
   fig.suptitle(f"{_title(summaries[0])}: mean of {len(summaries)} seeds,"
-               " +- one standard error")
+               " ± one standard error")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def plot_tracking(summary: dict, path: str) -> None:
+  """The paper's quantities along the GD phase (``track_every``): the top
+  Hessian eigenvalues at each tracked step, ``Tr(H Sigma) / Tr(H
+  Sigma_bar)`` (Proposition 1's ratio), the mean-gradient and noise norms
+  (Fig. 7's), and each block's share of ``Tr H`` at the first, a middle
+  and the last tracked step (:func:`anisonoise.plotting.plot_blocks`)."""
+  plt = _plt()
+  rows = [r for r in summary["gd"] if "track_eigenvalues" in r]
+  fig, axes = plt.subplots(1, 4, figsize=(21, 4.4))
+  cmap = plt.get_cmap("viridis")
+  for i, r in enumerate(rows):
+    anisonoise.plotting.plot_hessian_spectrum(
+        np.maximum(r["track_eigenvalues"], 1e-12), axes[0],
+        label=f"step {r['step']}")
+    axes[0].lines[-1].set_color(cmap(i / max(len(rows) - 1, 1)))
+  axes[0].legend(fontsize=7)
+  axes[0].set_title("top Hessian eigenvalues along GD")
+  steps = np.array([r["step"] for r in rows])
+  ratio = np.array([r["tr_h_sigma"] / r["tr_h_sigma_bar"] for r in rows])
+  axes[1].plot(steps, ratio, "o-", ms=4)
+  axes[1].axhline(1, color="k", lw=0.6, ls=":")
+  axes[1].set(xlabel="GD iteration", yscale="log",
+              ylabel="Tr(H Sigma) / Tr(H Sigma_bar)")
+  axes[2].plot(steps, [r["grad_norm"] for r in rows], "o-", ms=4,
+               label="||grad L||")
+  axes[2].plot(steps, [r["noise_norm"] for r in rows], "s--", ms=4,
+               label="sqrt(Tr Sigma)")
+  axes[2].set(xlabel="GD iteration", ylabel="L2 norm", yscale="log")
+  axes[2].legend(fontsize=8)
+  picks = sorted({0, len(rows) // 2, len(rows) - 1})
+  width = 0.8 / len(picks)
+  for j, i in enumerate(picks):
+    per = rows[i]["blocks"]
+    total = sum(b["trace"] for b in per.values())
+    anisonoise.plotting.plot_blocks(
+        {k: b["trace"] / total for k, b in per.items()}, axes[3],
+        label=f"step {rows[i]['step']}", width=width,
+        offset=(j - (len(picks) - 1) / 2) * width,
+        ylabel="share of Tr H (Hutchinson)")
+  fig.suptitle(_title(summary))
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
@@ -290,7 +345,7 @@ def plot_seeds(summaries: list[dict], names: list[str], path: str) -> None:
 
 def plot_study(summary: dict, out: str) -> list[str]:
   """Every figure of one study into ``out``; returns the file names."""
-  if summary["config"]["dataset"] == "fashion_mnist":
+  if summary["config"]["dataset"] in ("fashion_mnist", "fortunes"):
     figs = {"fig3.png": plot_curves, "fig8.png": plot_early}
     if summary.get("spectrum"):
       figs["fig5.png"] = plot_escape
@@ -298,6 +353,8 @@ def plot_study(summary: dict, out: str) -> list[str]:
       figs["fig7.png"] = plot_norms
     if summary.get("stability"):
       figs["stability.png"] = plot_stability
+    if any("track_eigenvalues" in r for r in summary["gd"]):
+      figs["tracking.png"] = plot_tracking
   else:
     figs = {"fig6.png": plot_curves,
             "fig1.png": lambda s, p: figure1([s], p)}

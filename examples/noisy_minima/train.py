@@ -50,7 +50,9 @@ EVAL_CHUNK = 2000  # examples per evaluation pass when chunk_size is None
 
 # What each phase's checkpoint must agree on (so that adding a dynamics
 # later reuses theta_GD).
-_GD_KEYS = ("dataset", "model", "vgg_width", "synthetic", "num_clean",
+_GD_KEYS = ("dataset", "model", "vgg_width", "seq_len", "tf_dim", "tf_heads",
+            "tf_layers", "track_every", "track_eigs", "track_block_iters",
+            "diag_samples", "synthetic", "num_clean",
             "num_corrupt", "num_clean_after", "num_train", "num_test",
             "svhn_split", "fmnist_split", "pixels", "init", "gd_lr",
             "gd_steps", "gd_eval_every", "gd_sharpness_every",
@@ -278,11 +280,15 @@ def make_measures(loss_fn, logits_fn, cfg: configs.Config,
   sharp_key = jax.random.key(seed + 17)
   chunk = cfg.chunk_size
 
+  def per_example(x):  # a sequence's mean over its tokens
+    return x.mean(axis=tuple(range(1, x.ndim))) if x.ndim > 1 else x
+
   @jax.jit
   def sums(params, x, y, corrupt):
     logits = logits_fn(params, x)
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, y)
-    acc = (jnp.argmax(logits, -1) == y).astype(jnp.float32)
+    loss = per_example(
+        optax.softmax_cross_entropy_with_integer_labels(logits, y))
+    acc = per_example((jnp.argmax(logits, -1) == y).astype(jnp.float32))
     return (jnp.sum(loss), jnp.sum(acc), jnp.sum(jnp.where(corrupt, acc, 0.0)))
 
   def totals(params, batch, corrupt):
@@ -340,6 +346,50 @@ def make_measures(loss_fn, logits_fn, cfg: configs.Config,
             "tr_h_sigma_bar": tr_hs_bar, "projection_coefficient": a}
 
   return metrics, sharpness, norms, escape
+
+
+def make_tracker(loss_fn, cfg: configs.Config, params0, norms, escape,
+                 seed: int):
+  """The paper's quantities at a point of the GD phase (``track_every``):
+  the top ``track_eigs`` Hessian eigenvalues, Tr(H Sigma) and Tr(H
+  Sigma_bar), the gradient-noise norms, and per block of the parameters
+  (:func:`models.blocks`) its Hessian trace (Hutchinson) and top
+  eigenvalue, through :func:`anisonoise.param_block`."""
+  chunk = cfg.chunk_size
+  masks = models.blocks(cfg, params0)
+
+  @functools.partial(jax.jit, static_argnums=0)
+  def block(name, params, train, key):
+    f, p = anisonoise.param_block(loss_fn, params, masks[name])
+    k1, k2 = jax.random.split(key)
+    trace = anisonoise.hessian_trace(f, p, train, method="hutchinson",
+                                     key=k1, num_probes=cfg.diag_samples,
+                                     chunk_size=chunk)
+    top = anisonoise.hessian_spectrum(f, p, train, num_eigs=1, key=k2,
+                                      num_iters=cfg.track_block_iters,
+                                      chunk_size=chunk)
+    size = sum(x.size for x in jax.tree.leaves(p))
+    return {"trace": trace.mean if hasattr(trace, "mean") else trace,
+            "top": top.eigenvalues[0], "size": size}
+
+  def track(params, train, t):
+    key = jax.random.fold_in(jax.random.key(seed + 29), t)
+    k1, k2, k3 = jax.random.split(key, 3)
+    spec = anisonoise.hessian_spectrum(
+        loss_fn, params, train, num_eigs=cfg.track_eigs, key=k1,
+        chunk_size=chunk)
+    row = {"track_eigenvalues": [float(x) for x in spec.eigenvalues],
+           "track_converged": bool(spec.converged)}
+    row.update(_floats(norms(params, train)))
+    row.update(_floats(escape(params, train, k2)))
+    per = {}
+    for i, name in enumerate(masks):
+      r = block(name, params, train, jax.random.fold_in(k3, i))
+      per[name] = {k: float(v) for k, v in r.items()}
+    row["blocks"] = per
+    return row
+
+  return track
 
 
 # --------------------------------------------------------------------------
@@ -459,11 +509,15 @@ def run(out: str, cfg: configs.Config, seed: int = 0,
   params0, loss_fn, logits_fn = models.create(cfg, seed)
   metrics, sharpness, norms, escape = make_measures(
       loss_fn, logits_fn, cfg, data.corrupted, seed)
+  track = (make_tracker(loss_fn, cfg, params0, norms, escape, seed)
+           if cfg.track_every else None)
   last_steps: set[int] = set()
 
   def evaluate(params, t, *, sharp_every, with_norms=False,
-               diag_every=None):
+               diag_every=None, track_every=None):
     row = {"step": t, **metrics(params, train_batch, test_batch)}
+    if track_every and (t % track_every == 0 or t in last_steps):
+      row.update(track(params, train_batch, t))
     if t % sharp_every == 0 or t in last_steps:
       row.update(_floats(sharpness(params, train_batch)))
     if with_norms:
@@ -482,8 +536,11 @@ def run(out: str, cfg: configs.Config, seed: int = 0,
         "GD to theta_GD", os.path.join(ckpt, "gd.msgpack"),
         {"phase": "gd", **gd_config}, params0,
         lambda p, t, length: gd_advance(p, t, train_batch, length=length),
-        cfg.gd_steps, schedule(cfg.gd_steps, cfg.gd_eval_every), lambda p, t:
-        evaluate(p, t, sharp_every=cfg.gd_sharpness_every), bar, deadline)
+        cfg.gd_steps, sorted(set(schedule(cfg.gd_steps, cfg.gd_eval_every))
+                             | set(schedule(cfg.gd_steps, cfg.track_every
+                                            or max(cfg.gd_steps, 1)))),
+        lambda p, t: evaluate(p, t, sharp_every=cfg.gd_sharpness_every,
+                              track_every=cfg.track_every), bar, deadline)
   timings["gd"] = time.perf_counter() - t0
   save_checkpoint(os.path.join(out, "theta_gd.msgpack"), theta_gd,
                   {"config": config, "t": cfg.gd_steps})
@@ -805,7 +862,8 @@ def markdown_table(summary: dict) -> str:
   corrupted = summary["data"]["num_corrupted"] > 0
   start = plots.start_point(summary)
   rows = [f"{cfg['dataset']}, {summary['data']['num_train']} training"
-          f" images: from {start} (lr {cfg['lr']}, m = {cfg['batch_size']},"
+          f" {plots.examples(summary)}: from {start} (lr {cfg['lr']},"
+          f" m = {cfg['batch_size']},"
           f" seed {cfg['seed']}); {start}: test accuracy"
           f" {summary['gd'][-1]['test_acc']:.4f}, sharpness"
           f" {summary['gd'][-1].get('sharpness', float('nan')):.4g}.", ""]
@@ -819,7 +877,7 @@ def markdown_table(summary: dict) -> str:
     if corrupted:
       cells.append(f"{r['train_acc_corrupted']:.3f}")
     cells += [f"{r['train_acc']:.3f}", f"{r['min_train_acc']:.3f}",
-              f"{r['sharpness']:.4g} +- {r['sharpness_sem']:.2g}"]
+              f"{r['sharpness']:.4g} ± {r['sharpness_sem']:.2g}"]
     rows.append("| " + " | ".join(cells) + " |")
   return "\n".join(rows)
 
@@ -827,23 +885,29 @@ def markdown_table(summary: dict) -> str:
 def escape_summary(summary: dict) -> str:
   """What a results page says of a study's escape from the starting point,
   in markdown, from its ``results.json`` alone: each dynamics' first
-  evaluation with less than half of the corrupted subset fitted and its
-  sharpness against the start's; the spectrum at the start; the
+  evaluation with less than half of what the start fitted of the corrupted
+  subset (Fashion-MNIST's start fits all of it: below half; the fortunes'
+  transformer fits part of its random targets: below half of that part)
+  and its sharpness against the start's; the spectrum at the start; the
   SGD-trajectory diagnostics (Figs. 5 and 7)."""
   start = plots.start_point(summary)
   first = summary["gd"][-1]
+  fitted = first.get("train_acc_corrupted", 1.0)
   lines = [f"- {start}: training loss {first['train_loss']:.2g}, train"
            f" accuracy {first['train_acc']:.3f}, test accuracy"
            f" {first['test_acc']:.4f}, expected sharpness"
            f" {first['sharpness']:.3g} ± {first['sharpness_sem']:.1g}."]
   for name, rows in summary["dynamics"].items():
-    left = [r["step"] for r in rows if r.get("train_acc_corrupted", 1) < 0.5]
+    left = [r["step"] for r in rows
+            if r.get("train_acc_corrupted", 1) < 0.5 * fitted]
     end = summary["table"][name]
     fall = first["sharpness"] / end["sharpness"]
+    half = ("half of the corrupted subset" if fitted == 1.0 else
+            f"half of the corrupted targets {start} fitted ({fitted:.3f})")
     lines.append(
-        f"- {name}: " + (f"below half of the corrupted subset from step"
-                         f" {left[0]}" if left else "keeps the corrupted"
-                         " subset fitted")
+        f"- {name}: " + (f"below {half} from step {left[0]}" if left
+                         else "keeps the corrupted subset fitted"
+                         if fitted == 1.0 else f"stays above {half}")
         + f"; sharpness {end['sharpness']:.3g} ± {end['sharpness_sem']:.1g}"
         f" after {end.get('steps', summary['config']['steps'])} steps,"
         f" {start}'s over it {fall:.2f}.")
@@ -871,6 +935,12 @@ def escape_summary(summary: dict) -> str:
   return "\n".join(lines)
 
 
+def escape_summaries(summaries: list[dict]) -> str:
+  """:func:`escape_summary` of each seed of one study, under its seed."""
+  return "\n\n".join(f"Seed {s['config']['seed']}:\n\n" + escape_summary(s)
+                     for s in summaries)
+
+
 def _mean_sem(values) -> tuple[float, float]:
   v = np.asarray(values, float)
   sem = v.std(ddof=1) / np.sqrt(len(v)) if len(v) > 1 else float("nan")
@@ -885,7 +955,7 @@ def common_dynamics(summaries: list[dict]) -> list[str]:
 
 
 def seeds_table(summaries: list[dict]) -> str:
-  """The final values of several seeds of one study, as mean +- standard
+  """The final values of several seeds of one study, as mean ± standard
   error of the mean, in markdown, for the dynamics every seed has run (the
   others are named below the table); refuses runs of different settings."""
   # A setting added after a run was stored takes its default for that run.
@@ -909,9 +979,10 @@ def seeds_table(summaries: list[dict]) -> str:
   start = plots.start_point(summaries[0])
   corrupted = summaries[0]["data"]["num_corrupted"] > 0
   rows = [f"{keys['dataset']}, {summaries[0]['data']['num_train']} training"
-          f" images, seeds {seeds}: mean +- standard error over seeds."
-          f" {start}: test accuracy {gd[0]:.4f} +- {gd[1]:.4f}, expected"
-          f" sharpness {gd_sharp[0]:.4g} +- {gd_sharp[1]:.2g}.", "",
+          f" {plots.examples(summaries[0])}, seeds {seeds}: mean ± standard"
+          " error over seeds."
+          f" {start}: test accuracy {gd[0]:.4f} ± {gd[1]:.4f}, expected"
+          f" sharpness {gd_sharp[0]:.4g} ± {gd_sharp[1]:.2g}.", "",
           f"| dynamics | steps | test acc | test acc - {start}'s |"
           + (" train acc (corrupted subset) |" if corrupted else "")
           + " expected sharpness |",
@@ -926,10 +997,10 @@ def seeds_table(summaries: list[dict]) -> str:
     corr = _mean_sem([r["train_acc_corrupted"] for r in t])
     sharp = _mean_sem([r["sharpness"] for r in t])
     rows.append(
-        f"| {name} | {'/'.join(map(str, steps))} | {acc[0]:.4f} +-"
-        f" {acc[1]:.4f} | {gain[0]:+.4f} +- {gain[1]:.4f} |"
-        + (f" {corr[0]:.3f} +- {corr[1]:.3f} |" if corrupted else "")
-        + f" {sharp[0]:.3g} +- {sharp[1]:.2g} |")
+        f"| {name} | {'/'.join(map(str, steps))} | {acc[0]:.4f} ±"
+        f" {acc[1]:.4f} | {gain[0]:+.4f} ± {gain[1]:.4f} |"
+        + (f" {corr[0]:.3f} ± {corr[1]:.3f} |" if corrupted else "")
+        + f" {sharp[0]:.3g} ± {sharp[1]:.2g} |")
   partial = {name: [s["config"]["seed"] for s in summaries
                     if name in s["table"]]
              for name in dict.fromkeys(n for s in summaries
