@@ -273,6 +273,8 @@ _BENCHMARK_SECTIONS = {
         ("memory_n4096", "MLP (D = 2,035,210), n = 4,096"),
         ("memory_n512", "MLP (D = 2,035,210), n = 512"),
         ("gpu/memory", "The same on one H100"),
+        ("memory_transformer", "CharTransformer (D = 826,208), n = 1,024"
+         " sequences of 64 tokens"),
     ],
     "scaling": [
         ("scaling", "Cost against D and n (MLPs, refresh 10)"),
@@ -356,19 +358,32 @@ _STUDY_TABLES = {
                                 "examples/results/fmnist_quick/results.json"),
     "study_steps_long.md": ("study_steps.markdown",
                             "benchmarks/results/study_steps_long.json"),
+    # Several runs (seeds) of one study: the function takes their list.
+    "fortunes_seeds.md": ("train.seeds_table", [
+        f"examples/results/fortunes/seed{s}/results.json" for s in range(3)]),
+    "fortunes_tracking.md": ("train.tracking_table",
+                             "examples/results/fortunes/seed0/results.json"),
+    "fortunes_escape.md": ("train.escape_summaries", [
+        f"examples/results/fortunes/seed{s}/results.json" for s in range(3)]),
 }
 
 
-def _study_table(module: str, result: str) -> str:
+def _study_table(module: str, result: str | list[str]) -> str:
   """A study's committed result rendered by the study's own code:
-  ``module``'s ``markdown_table``, or ``module.function``."""
-  path = os.path.join(ROOT, result)
-  if not os.path.exists(path):
-    return f"*Not committed yet: run the command above to write `{result}`.*\n"
+  ``module``'s ``markdown_table``, or ``module.function``; for a list of
+  results (the seeds of one study), the function of their list."""
+  results = [result] if isinstance(result, str) else result
+  missing = [r for r in results if not os.path.exists(os.path.join(ROOT, r))]
+  if missing:
+    return (f"*Not committed yet: run the command above to write"
+            f" `{missing[0]}`.*\n")
   for folder in ("benchmarks", "examples", "examples/noisy_minima"):
     sys.path.insert(0, os.path.join(ROOT, folder))
-  with open(path) as f:
-    summary = json.load(f)
+  summaries = []
+  for r in results:
+    with open(os.path.join(ROOT, r)) as f:
+      summaries.append(json.load(f))
+  summary = summaries[0] if isinstance(result, str) else summaries
   module, _, function = module.partition(".")
   render = getattr(importlib.import_module(module),
                    function or "markdown_table")

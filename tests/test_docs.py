@@ -86,6 +86,18 @@ def test_built_site_documents_every_public_name(tmp_path):
   scale = (out / "scale.html").read_text()
   assert "Many hosts" in scale and "jax.distributed" in scale
   assert "2 processes x 1 device" in scale and "bytes" in scale
+  # Page titles in the navigation are text, not TeX source; tables and
+  # prose write the plus-minus sign.
+  index = (out / "results" / "index.html").read_text()
+  titles = set(re.findall(r'href="fig4_one_hidden_layer.html"[^>]*>(.*?)</a>',
+                          index, re.S))
+  assert "Fig. 4: Tr(HΣ) against Tr(HΣ̄), one hidden layer" in titles
+  assert not any("mathrm" in t or "$" in t for t in titles), titles
+  for page in (out / "results").glob("*.html"):
+    assert " +- " not in page.read_text(), page.name
+  # The fortunes study: its tables rendered from the seeds' results.json.
+  fortunes = (out / "results" / "fortunes.html").read_text()
+  assert "seeds [0, 1, 2]" in fortunes and "Not committed yet" not in fortunes
 
 
 def test_readme_training_loop_runs(tmp_path):

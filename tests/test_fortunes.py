@@ -95,6 +95,9 @@ def test_tiny_run_tracks_the_papers_quantities(tiny_run):
   assert img.shape[0] > 100 and img.std() > 0.01
   table = open(os.path.join(out, "table.md")).read()
   assert "training sequences" in table and "±" in table and "+-" not in table
+  tracking = train.tracking_table(summary)
+  assert tracking.count("\n") == 1 + len(tracked)
+  assert "attention 0: share of Tr H" in tracking
   text = train.escape_summaries([summary, summary])
   assert text.count("Seed 0:") == 2
   assert "corrupted" in text

@@ -3,7 +3,10 @@ and every model-based diagnostic on small copies, against dense float64
 references; the staged product; bfloat16 parameters; BatchNorm through
 ``nnx_loss``; and the per-block diagnostics against the dense block of H.
 
-The full-size models' parameter counts are checked on shapes alone.
+The full-size models' parameter counts are checked on shapes alone. The
+default suite runs the transformer's checks and the ResNet's BatchNorm
+test; ``-m slow`` (run by CI as well) adds the ResNet's dense checks and
+bfloat16 for every transform on both.
 """
 
 import functools
@@ -84,7 +87,11 @@ def _dense(name):
             dense_reference(loss_fn, params, batch))
 
 
-@pytest.fixture(params=sorted(PROBLEMS))
+# The default suite checks the transformer against its dense references;
+# the ResNet's (its convolutions' rewrites included) run under ``-m slow``,
+# which CI runs too (.ci/run).
+@pytest.fixture(params=["transformer",
+                        pytest.param("resnet", marks=pytest.mark.slow)])
 def dense(request):
   return _dense(request.param)
 

@@ -935,6 +935,35 @@ def escape_summary(summary: dict) -> str:
   return "\n".join(lines)
 
 
+def tracking_table(summary: dict) -> str:
+  """The paper's quantities along the GD phase (``track_every``), in
+  markdown: accuracies, the top and 20th Hessian eigenvalues, Proposition
+  1's ratio ``Tr(H Sigma) / Tr(H Sigma_bar)``, the noise norm over the
+  mean-gradient norm (Fig. 7's), and each block's share of ``Tr H``
+  (Hutchinson, ``diag_samples`` probes per block: a share near zero can
+  come out negative) with its top eigenvalue."""
+  rows = [r for r in summary["gd"] if "track_eigenvalues" in r]
+  if not rows:
+    return "*No tracked steps (track_every = 0).*"
+  names = list(rows[0]["blocks"])
+  head = (["step", "train acc", "corrupted", "lambda_1", "lambda_20",
+           "Tr(H Sigma) / Tr(H Sigma_bar)", "noise / gradient"]
+          + [f"{n}: share of Tr H, lambda_1" for n in names])
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for r in rows:
+    ev = r["track_eigenvalues"]
+    total = sum(b["trace"] for b in r["blocks"].values())
+    cells = [str(r["step"]), f"{r['train_acc']:.3f}",
+             f"{r.get('train_acc_corrupted', float('nan')):.3f}",
+             f"{ev[0]:.3g}", f"{ev[-1]:.3g}",
+             f"{r['tr_h_sigma'] / r['tr_h_sigma_bar']:.3g}",
+             f"{r['noise_norm'] / r['grad_norm']:.2g}"]
+    cells += [f"{r['blocks'][n]['trace'] / total:.2f}, "
+              f"{r['blocks'][n]['top']:.3g}" for n in names]
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
 def escape_summaries(summaries: list[dict]) -> str:
   """:func:`escape_summary` of each seed of one study, under its seed."""
   return "\n\n".join(f"Seed {s['config']['seed']}:\n\n" + escape_summary(s)
