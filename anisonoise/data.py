@@ -521,8 +521,9 @@ def scale_colour_images(images: np.ndarray) -> np.ndarray:
 
 FORTUNES_DIR = "/usr/share/games/fortunes"
 FORTUNES_ENV_VAR = "ANISONOISE_FORTUNES_DIR"
-# Printable ASCII and the newline: 96 tokens; any other byte reads as "?".
 ALPHABET = "\n" + "".join(chr(c) for c in range(32, 127))
+"""The 96 characters :func:`encode_text` maps to tokens ``0..95``: the
+newline, then printable ASCII in code order."""
 
 
 def load_fortunes(data_dir: str | None = None) -> str:
