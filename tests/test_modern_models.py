@@ -293,16 +293,25 @@ def test_every_transform_against_dense(dense):
       flat = ravel_pytree(noise)[0]
       assert bool(jnp.all(jnp.isfinite(flat))) and float(
           jnp.abs(flat).max()) > 0, (name, t)
-      # The transforms' default tol (3e-3) bounds each Ritz pair's residual
-      # relative to the top eigenvalue, and so each eigenvalue's error.
+      # The cached eigenvalues are Ritz values of a subspace: each at most
+      # its eigenvalue (Cauchy interlacing), the top one converged, and the
+      # curvature they capture, sum_j theta_j, within 1% of the top k's.
+      # The transforms' tol bounds that capture's stall, not each pair's
+      # residual (their docstring): the third pair's residual was 0.16-0.30
+      # for six keys, its value 1.5% below lambda_3 at worst.
       vals = getattr(state, "eigenvalues", None)
-      if t == "hessian_noise":
-        np.testing.assert_allclose(vals, top_h[:3], atol=3e-3 * top_h[0])
-      elif t == "hessian_eigvec_noise":
-        np.testing.assert_allclose(vals, top_h[:1], atol=3e-3 * top_h[0])
-      elif t == "leading_noise":
-        # Eigenvalues of the per-example (centred) covariance C.
-        np.testing.assert_allclose(vals, top_c[:3], atol=3e-3 * top_c[0])
+      for got, spectrum, k in (
+          (t == "hessian_noise", top_h, 3),
+          (t == "hessian_eigvec_noise", top_h, 1),
+          (t == "leading_noise", top_c, 3)):  # C: per-example covariance
+        if not got:
+          continue
+        vals = np.asarray(vals)
+        assert len(vals) == k and bool(state.converged), (t, vals)
+        np.testing.assert_allclose(vals[0], spectrum[0], rtol=3e-3)
+        assert np.all(vals <= spectrum[:k] * (1 + 1e-9)), (t, vals)
+        assert vals.sum() >= 0.99 * spectrum[:k].sum(), (t, vals,
+                                                         spectrum[:k])
 
 
 # The default suite: one transform of each engine path (per-example
