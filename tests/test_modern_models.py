@@ -5,8 +5,8 @@ references; the staged product; bfloat16 parameters; BatchNorm through
 
 The full-size models' parameter counts are checked on shapes alone. The
 default suite runs the transformer's checks and the ResNet's BatchNorm
-test; ``-m slow`` (run by CI as well) adds the ResNet's dense checks and
-bfloat16 for every transform on both.
+test; ``-m slow`` (run by CI as well) adds the ResNet's dense checks, the
+per-block checks and bfloat16 for every transform on both.
 """
 
 import functools
@@ -198,10 +198,12 @@ def test_every_diagnostic_matches_dense(dense):
         4 * per1.std(ddof=1) / np.sqrt(len(per1)) + 1e-6), name
 
 
-@pytest.mark.parametrize("problem", [
-    "transformer", pytest.param("resnet", marks=pytest.mark.slow)])
+# Under ``slow`` (CI runs it): the default suite checks ``param_block``
+# through its docstring example and the fortunes study's tracked blocks.
+@pytest.mark.slow
+@pytest.mark.parametrize("problem", ["transformer", "resnet"])
 def test_per_block_diagnostics_match_the_dense_block(problem):
-  """On the transformer (the ResNet under ``slow``), ``param_block``: the
+  """On both models, ``param_block``: the
   block's spectrum is ``H[S, S]``'s, its escape indicator ``Tr(H[S, S]
   C[S, S]) / m``, its norms the ``S`` parts; the blocks' Hessian traces
   add up to the whole's."""
