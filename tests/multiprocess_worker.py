@@ -14,10 +14,9 @@ Cases (``tests/test_multiprocess.py`` runs the default set): GD +
 default ``tol``) for 3 jitted steps; ``hessian_spectrum`` and
 ``escape_indicator``, eager and jitted; an orbax checkpoint of the
 training state written by both processes and read back, after which the
-next step equals the uninterrupted one. ``--stream`` adds
-``hessian_spectrum`` over a ``Batches`` stream whose every batch each
-process builds from its own rows (it can hang: see ``cases``).
-``--all`` adds every transform (the seven of Table 1,
+next step equals the uninterrupted one; ``hessian_spectrum`` over a
+``Batches`` stream whose every batch each process builds from its own
+rows. ``--all`` adds every transform (the seven of Table 1,
 ``multiplicative_noise``, ``anticorrelated_noise``) and every diagnostic.
 ``--time`` times a jitted GLD Hessian step and a jitted ``hessian_spectrum``
 instead (``benchmarks/multi_process.py``).
@@ -30,8 +29,10 @@ Usage (one process of ``--num-processes``):
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -65,7 +66,8 @@ def launch(*args: str, num_processes: int = 2, devices_each: int = 2,
   A port taken between its choice and the coordinator's bind is retried
   once with another. Raises ``RuntimeError`` with each process's last
   output when a process fails, cannot connect, or runs past ``timeout``
-  seconds (then every process is killed)."""
+  seconds (then every process is aborted, and its output ends with the
+  Python stack of each of its threads)."""
   env = dict(os.environ if env is None else env, JAX_PLATFORMS="cpu")
   env.pop("JAX_ENABLE_X64", None)
   flags = [f for f in env.get("XLA_FLAGS", "").split()
@@ -88,9 +90,16 @@ def launch(*args: str, num_processes: int = 2, devices_each: int = 2,
       for p in procs:
         p.wait(timeout=max(1.0, timeout - (time.monotonic() - start)))
     except subprocess.TimeoutExpired:
+      # SIGABRT first: each process's faulthandler writes where it hangs.
       for p in procs:
-        p.kill()
-        p.wait()
+        if p.poll() is None:
+          p.send_signal(signal.SIGABRT)
+      for p in procs:
+        try:
+          p.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+          p.kill()
+          p.wait()
     outs = []
     for f in logs:
       f.seek(0)
@@ -102,7 +111,7 @@ def launch(*args: str, num_processes: int = 2, devices_each: int = 2,
     if any(c is None or c < 0 for c in codes):
       raise RuntimeError(
           f"{num_processes} processes on 127.0.0.1:{port} ran past"
-          f" {timeout:.0f} s and were killed; their last output:\n"
+          f" {timeout:.0f} s and were aborted; their last output:\n"
           + "\n---\n".join(errs))
     if all(c == 0 for c in codes):
       # The last line: anything else printed (by orbax, by JAX) before it.
@@ -129,8 +138,10 @@ def main(argv: list[str]) -> None:
   parser.add_argument("--out", default=None)
   parser.add_argument("--all", action="store_true")
   parser.add_argument("--time", action="store_true")
-  parser.add_argument("--stream", action="store_true")
   args = parser.parse_args(argv)
+  # A process that hangs prints every thread's Python stack when the
+  # launcher aborts it (SIGABRT), into the error launch() raises.
+  faulthandler.enable(all_threads=True)
 
   import jax
 
@@ -333,13 +344,9 @@ def cases(args) -> dict:
       record(name + "/jit", jax.jit(fn)(g_params, g_batch), want[name], start)
       start = time.perf_counter()
       record(name + "/eager", fn(g_params, g_batch), want[name], start)
-    if not args.stream:
-      return results
     # A stream of two batches of 32 examples, each built from this
-    # process's 16 rows of it. Not in the suite: this eager solve over
-    # global batches hung in 2 of 10 runs on this machine (jax 0.10.2,
-    # gloo), the two processes stopped at different ops of the Krylov
-    # loop; ``--stream`` reproduces it.
+    # process's 16 rows of it: an eager solve, its products summed over
+    # the stream.
     start = time.perf_counter()
     halves = [jax.tree.map(lambda x, i=i: x[32 * i:32 * (i + 1)], batch)
               for i in range(2)]

@@ -60,6 +60,13 @@ def test_two_processes_equal_one_device(results):
           "escape_indicator/eager"} <= set(cases)
 
 
+def test_a_stream_each_process_reads_from_its_own_rows(results):
+  """hessian_spectrum over a Batches stream of two global batches, each
+  built by every process from its own rows of it: the one-device
+  eigenvalues of the whole batch, to float32 rounding."""
+  assert results["hessian_spectrum/batches"]["rel_diff"] <= ROUNDING
+
+
 def test_an_orbax_checkpoint_resumes_across_processes(results):
   """Saved by both processes, restored onto the same shardings: the next
   step (a warm-started refresh) equals the uninterrupted one exactly."""

@@ -395,6 +395,7 @@ def _steps(step, jitted_chunk, mv, start: int, stop: int, carry,
     while j < stop:
       n = min(CHUNK, stop - j)
       carry = jitted_chunk(mv, j, carry, n)
+      sums.wait_if_across_processes(carry)
       j += n
     return carry
   if unroll:

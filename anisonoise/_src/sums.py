@@ -245,8 +245,30 @@ def total(kernel: Callable, loss_fn: LossFn, chunk_size: int | None,
                                   per_example))
     offset += n
     value = run(chunk_size, params, part, *arrays)
+    wait_if_across_processes(value)
     out = value if out is None else jax.tree.map(jnp.add, out, value)
   return out
+
+
+def wait_if_across_processes(tree: Any) -> None:
+  """Blocks until ``tree`` is computed when it spans several processes
+  (``jax.distributed``), so that nothing is queued behind the collective
+  that produced it.
+
+  Why: the CPU client admits a bounded number of programs per device at
+  once, and a program takes its slot when its launch runs, not when it
+  was dispatched. An eager solve on global arrays dispatches dozens of
+  small programs behind each product's all-reduce; if those that wait on
+  its result take every slot of one device first, that device never
+  joins the all-reduce and every process waits on it for ever. An eager
+  ``hessian_spectrum`` over a stream of global batches hung so on 2
+  processes of 2 CPU devices (gloo, jax 0.10.2) in about 1 run in 10 on a
+  loaded 2-core machine: one device's launch blocked on the semaphore, the
+  other three in the all-reduce. Waiting for each product costs the
+  overlap of the host loop with it, on multi-process runs only."""
+  if any(isinstance(x, jax.Array) and not x.is_fully_addressable
+         for x in jax.tree.leaves(tree)):
+    jax.block_until_ready(tree)
 
 
 def scale(tree: Any, factor: Any) -> Any:

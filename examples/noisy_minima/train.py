@@ -59,8 +59,31 @@ _GD_KEYS = ("dataset", "model", "vgg_width", "seq_len", "tf_dim", "tf_heads",
             "sharpness_samples", "sharpness_delta", "seed")
 
 
+# GD-phase settings that only its tracking reads (track_every > 0).
+_TRACK_KEYS = ("track_eigs", "track_block_iters", "diag_samples")
+
+
 class ConfigMismatch(ValueError):
   """A checkpoint written with different settings than the current run."""
+
+
+def gd_settings(config: dict) -> dict:
+  """The settings theta_GD depends on: :data:`_GD_KEYS`, less the tracking's
+  when the GD phase is not tracked."""
+  return {k: config[k] for k in _GD_KEYS
+          if config["track_every"] or k not in _TRACK_KEYS}
+
+
+def same_settings(stored: dict, config: dict) -> bool:
+  """Whether a checkpoint's stored settings are ``config``'s. A setting
+  added to :class:`configs.Config` after the checkpoint was written takes
+  its default (what every run did before it existed), so checkpoints
+  outlive new options; stored settings ``config`` does not name are not
+  compared."""
+  stored = json.loads(json.dumps({**dataclasses.asdict(configs.Config()),
+                                  **stored}))
+  return all(k in stored and stored[k] == v
+             for k, v in json.loads(json.dumps(config)).items())
 
 
 # --------------------------------------------------------------------------
@@ -429,7 +452,7 @@ def _run_phase(
   restored = load_checkpoint(path, carry)
   if restored is not None:
     carry, record = restored
-    if record["config"] != config:
+    if not same_settings(record["config"], config):
       raise ConfigMismatch(
           f"{path} was written by a run with different settings; use another"
           " --out or pass --restart to discard it.")
@@ -489,7 +512,7 @@ def run(out: str, cfg: configs.Config, seed: int = 0,
   config = dict(dataclasses.asdict(cfg), seed=seed)
   config["dynamics"] = list(cfg.dynamics)
   config["dynamics_steps"] = [list(p) for p in cfg.dynamics_steps]
-  gd_config = {k: config[k] for k in _GD_KEYS}
+  gd_config = gd_settings(config)
   # A dynamics' checkpoint does not depend on how far it is asked to run: a
   # finished run asked for more steps goes on from where it stopped.
   dyn_config = {k: v for k, v in config.items()
@@ -658,10 +681,9 @@ def _earlier_dynamics(path: str, dyn_config: dict, gd_history: list,
   others = [n for n in stored.get("dynamics", {}) if n not in named]
   if not others:
     return {}, []
-  same = json.loads(json.dumps(dyn_config))
-  old_config = {k: v for k, v in stored.get("config", {}).items() if k in same}
   why = ("--restart was given" if restart else
-         "it was written with different settings" if old_config != same else
+         "it was written with different settings"
+         if not same_settings(stored.get("config", {}), dyn_config) else
          "its GD history differs (another theta_GD)"
          if stored.get("gd") != json.loads(json.dumps(gd_history)) else None)
   if why:
@@ -685,7 +707,7 @@ def _cached(path: str, config: dict, compute: Callable[[], dict]) -> dict:
   if os.path.exists(path):
     with open(path) as f:
       stored = json.load(f)
-    if stored.pop("config") == config:
+    if same_settings(stored.pop("config"), config):
       return stored
   result = compute()
   with open(path, "w") as f:
@@ -737,7 +759,7 @@ def collapse(out: str, cfg: configs.Config, seed: int = 0,
                             " least its GD phase) first.")
   theta_gd, record = restored
   config = dict(dataclasses.asdict(cfg), seed=seed)
-  if any(record["config"][k] != config[k] for k in _GD_KEYS):
+  if not same_settings(record["config"], gd_settings(config)):
     raise ConfigMismatch(f"{path} was written with other settings than"
                          f" --preset/--seed give.")
   n = batch["y"].shape[0]
