@@ -5,7 +5,7 @@ references; the staged product; bfloat16 parameters; BatchNorm through
 
 The full-size models' parameter counts are checked on shapes alone. The
 default suite runs the transformer's checks and the ResNet's BatchNorm
-test; ``-m slow`` (run by CI as well) adds the ResNet's dense checks, the
+test; ``-m slow`` adds the ResNet's dense checks, the
 per-block checks and bfloat16 for every transform on both.
 """
 
@@ -88,8 +88,8 @@ def _dense(name):
 
 
 # The default suite checks the transformer against its dense references;
-# the ResNet's (its convolutions' rewrites included) run under ``-m slow``,
-# which CI runs too (.ci/run).
+# the ResNet's (its convolutions' rewrites included) run under ``-m slow``
+# (CI's 20 minutes leave no room for them).
 @pytest.fixture(params=["transformer",
                         pytest.param("resnet", marks=pytest.mark.slow)])
 def dense(request):
@@ -198,7 +198,7 @@ def test_every_diagnostic_matches_dense(dense):
         4 * per1.std(ddof=1) / np.sqrt(len(per1)) + 1e-6), name
 
 
-# Under ``slow`` (CI runs it): the default suite checks ``param_block``
+# Under ``slow``: the default suite checks ``param_block``
 # through its docstring example and the fortunes study's tracked blocks.
 @pytest.mark.slow
 @pytest.mark.parametrize("problem", ["transformer", "resnet"])
@@ -316,7 +316,7 @@ def test_every_transform_against_dense(dense):
                                                          spectrum[:k])
 
 
-# Under ``slow``, which CI runs as its own step: every transform on both
+# Under ``slow``: every transform on both
 # models (the default suite stood at 610 s of its 600 with the first three
 # in it; bfloat16 parameters keep their fast check in test_conformance.py).
 _BF16_FAST = ("diagonal_noise", "hessian_noise", "sgd_noise")
