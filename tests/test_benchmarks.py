@@ -44,6 +44,9 @@ def test_step_cost_smoke(tmp_path, monkeypatch):
   assert res["env"]["jax"]
 
 
+# Under ``slow`` (the default suite's 10 minutes): a table the trajectory
+# benchmark supersedes for what a run pays.
+@pytest.mark.slow
 def test_refresh_profile_smoke(tmp_path, monkeypatch):
   _run(refresh_profile, monkeypatch, "--n", "24", "--k", "4", "--repeats",
        "1", "--out", str(tmp_path))
@@ -56,6 +59,9 @@ def test_refresh_profile_smoke(tmp_path, monkeypatch):
       tmp_path / "refresh_profile_mlp.md").read()
 
 
+# Under ``slow`` (the default suite's 10 minutes): a table the trajectory
+# benchmark supersedes for what a run pays.
+@pytest.mark.slow
 def test_warm_start_smoke(tmp_path, monkeypatch):
   _run(warm_start, monkeypatch, "--problem", "mlp", "--n", "32", "--hidden",
        "8", "--refreshes", "2", "--refresh-every", "2", "--skip", "3",

@@ -4,8 +4,8 @@ The worker runs in a subprocess because the device count is fixed when JAX
 starts. Cases: the seven transforms (and the Hutchinson trace) inside a
 jitted step, the top-5 Hessian spectrum, both escape indicators, Tr(C) and
 the expected sharpness; each with the whole batch in one pass, and one of
-each kind of pass in chunks of 16; on a mesh with Explicit axes and (one
-pass) with Auto axes.
+each kind of pass in chunks of 16; on a mesh with Explicit axes, and the
+low-rank draws with Auto axes (every one-pass case under ``slow``).
 """
 
 import json
@@ -85,7 +85,26 @@ def test_data_parallel_example_refuses_an_uneven_batch(worker):
 def test_all_cases_ran(results):
   names = {k.split("/", 1)[1] for k in results}
   assert len(names) == 22, sorted(names)
-  assert sum(k.startswith("auto/") for k in results) == 16
+  assert sum(k.startswith("auto/") for k in results) == 3
+
+
+# About a minute more of the 2-core CPU, so in the slow set: the default
+# runs every case with Explicit axes and the draws with Auto axes, and the
+# two-process test (tests/test_multiprocess.py) its cases with Auto axes.
+@pytest.mark.slow
+def test_every_unchunked_case_on_auto_axes():
+  """Auto axes (the compiler places the intermediates): every unchunked
+  transform and diagnostic equals one device, and gathers nothing but the
+  exact indicator."""
+  results = _run_worker("--loop-krylov", "--auto-all")
+  auto = {k: v for k, v in results.items() if k.startswith("auto/")}
+  assert len(auto) == 16, sorted(auto)
+  off = {k: v["rel_diff"] for k, v in auto.items()
+         if v["rel_diff"] > 3e-5 and "/same_draw/" not in k}
+  assert not off, off
+  gathered = {k: v["all_gathers"] for k, v in auto.items()
+              if v["all_gathers"] and "escape_indicator_exact" not in k}
+  assert not gathered, gathered
 
 
 def test_mesh_matches_one_device_in_float32(results):
