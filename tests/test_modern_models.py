@@ -4,9 +4,11 @@ references; the staged product; bfloat16 parameters; BatchNorm through
 ``nnx_loss``; and the per-block diagnostics against the dense block of H.
 
 The full-size models' parameter counts are checked on shapes alone. The
-default suite runs the transformer's checks and the ResNet's BatchNorm
-test; ``-m slow`` adds the ResNet's dense checks, the
-per-block checks and bfloat16 for every transform on both.
+default suite runs the transformer's staged products against its dense
+Hessian, its causal attention and the ResNet's BatchNorm test; ``-m slow``
+adds every transform and diagnostic and the per-block checks against dense
+references on both models, and bfloat16 for every transform on both
+(several minutes of the 2-core CPU).
 """
 
 import functools
@@ -139,6 +141,11 @@ def test_causal_attention_ignores_the_future():
   assert float(jnp.abs(model(x)[0, 4:] - model(y)[0, 4:]).max()) > 1e-4
 
 
+# Under ``slow`` with the rest of the dense checks (the default suite's 10
+# minutes): the default suite checks the diagnostics against dense
+# references on the MLP and LeNet (tests/test_diagnostics.py), and the
+# transformer's Hessian products against its dense Hessian (below).
+@pytest.mark.slow
 def test_every_diagnostic_matches_dense(dense):
   name, loss_fn, params, batch, (g, gbar, c, h) = dense
   d = h.shape[0]
@@ -289,6 +296,12 @@ def test_staged_product_equals_the_dense_hessian(dense):
                                  atol=1e-11 * float(np.abs(h @ x).max()))
 
 
+# Under ``slow`` (the default suite's 10 minutes): the default suite checks
+# the transforms against dense references on the MLP and LeNet
+# (tests/test_transforms.py, tests/test_refresh_accuracy.py), and the
+# transformer through the fortunes study's five dynamics in its tiny run
+# (tests/test_fortunes.py).
+@pytest.mark.slow
 def test_every_transform_against_dense(dense):
   """Each transform's jitted step (float64): finite noise of the
   parameters' structure, and the cached factors against the dense C and
