@@ -89,9 +89,10 @@ def _dense(name):
             dense_reference(loss_fn, params, batch))
 
 
-# The default suite checks the transformer against its dense references;
-# the ResNet's (its convolutions' rewrites included) run under ``-m slow``
-# (CI's 20 minutes leave no room for them).
+# The default suite checks the transformer's staged products against its
+# dense Hessian; every other dense check, and the ResNet's (its
+# convolutions' rewrites included), run under ``-m slow`` (CI's 20 minutes
+# leave no room for them).
 @pytest.fixture(params=["transformer",
                         pytest.param("resnet", marks=pytest.mark.slow)])
 def dense(request):
@@ -171,28 +172,14 @@ def test_every_diagnostic_matches_dense(dense):
                                np.linalg.norm(gbar), rtol=1e-9)
     np.testing.assert_allclose(float(norms.noise_norm),
                                np.sqrt(np.trace(c) / M), rtol=1e-9)
-    pe = ravel_pytree(anisonoise.per_example_grads(loss_fn, params, batch))
     np.testing.assert_allclose(
         jax.vmap(lambda t: ravel_pytree(t)[0])(
             anisonoise.per_example_grads(loss_fn, params, batch)), g,
         rtol=1e-8, atol=1e-12)
-    del pe
     np.testing.assert_allclose(
         ravel_pytree(anisonoise.covariance_diagonal(loss_fn, params,
                                                     batch))[0],
         np.diag(c), rtol=1e-8, atol=1e-14)
-
-
-# Under ``slow`` (the default suite's 10 minutes): the Krylov- and
-# Monte-Carlo-based diagnostics on both models; the same functions are
-# checked against dense references on the MLP and LeNet by default
-# (tests/test_diagnostics.py).
-@pytest.mark.slow
-def test_sampled_diagnostics_match_dense(dense):
-  name, loss_fn, params, batch, (g, gbar, c, h) = dense
-  d = h.shape[0]
-  w, v = np.linalg.eigh(h)
-  with jax.enable_x64(True):
     a = anisonoise.projection_coefficient(loss_fn, params, batch,
                                           key=jax.random.key(0),
                                           num_iters=60)
